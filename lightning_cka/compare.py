@@ -1,0 +1,186 @@
+"""Offline comparison: ``compare(model, dataloader, layers)`` and its :class:`CKAResult`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_cka.capture import GramCapture, HookSet, OutputSelector, extract_input
+from lightning_cka.layers import LayerSpec, resolve_layers
+from lightning_cka.metric import MinibatchCKA, resolve_precision
+
+__all__ = ["CKAResult", "compare"]
+
+
+@dataclass
+class CKAResult:
+    """A CKA matrix with the names of its rows and columns.
+
+    Attributes:
+        matrix: ``(L, M)`` float64 tensor; ``matrix[i, j]`` is CKA(rows[i], cols[j]).
+        rows: row layer names.
+        cols: column layer names.
+        meta: free-form information (epoch, number of batches, ...).
+    """
+
+    matrix: Tensor
+    rows: list[str]
+    cols: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def plot(self, ax: Any = None, title: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+        """Heatmap of the matrix (see :func:`lightning_cka.plotting.plot_cka_heatmap`); returns ``(fig, ax)``."""
+        from lightning_cka.plotting import plot_cka_heatmap
+
+        return plot_cka_heatmap(self.matrix, self.rows, self.cols, ax=ax, title=title, **kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write an ``.npz`` with arrays ``matrix``, ``rows``, ``cols`` (``np.load(path)["matrix"]``)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: np.asarray(v) for k, v in self.meta.items() if isinstance(v, int | float | str)}
+        np.savez(
+            path,
+            matrix=self.matrix.detach().double().cpu().numpy(),
+            rows=np.asarray(self.rows, dtype=str),
+            cols=np.asarray(self.cols, dtype=str),
+            **{f"meta_{k}": v for k, v in meta.items()},
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CKAResult:
+        """Read a file written by :meth:`save`."""
+        with np.load(Path(path)) as data:
+            meta = {k[5:]: data[k].item() for k in data.files if k.startswith("meta_")}
+            return cls(torch.from_numpy(data["matrix"]), data["rows"].tolist(), data["cols"].tolist(), meta)
+
+
+def _device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def to_model_input(x: Tensor, model: nn.Module) -> Tensor:
+    """Move an input batch to ``model``'s device and (for floating inputs) parameter dtype."""
+    dtype = _float_dtype(model) if x.is_floating_point() else None
+    return x.to(device=_device(model), dtype=dtype or x.dtype, non_blocking=True)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode and restore each one's previous mode afterwards."""
+    previous = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, was_training in zip(models, previous, strict=True):
+            m.train(was_training)
+
+
+def _progress(iterable: Iterable[Any], enabled: bool, total: int | None) -> Iterable[Any]:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc="CKA", unit="batch")
+
+
+def compare(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    layers: LayerSpec = "auto",
+    other: nn.Module | None = None,
+    other_layers: LayerSpec | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    input_key: str | int = 0,
+    reduction: str = "flatten",
+    output: OutputSelector = 0,
+    precision: str | torch.dtype = "float32",
+) -> CKAResult:
+    """Minibatch CKA between layers of ``model`` (L x L), or of ``model`` and ``other`` (L x M).
+
+    Args:
+        model: the network to hook.
+        dataloader: iterable of batches: tensors, tuples/lists (first element is the input) or
+            dicts (``input_key`` names the input).
+        layers: names from ``model.named_modules()``, glob patterns, module types or a preset
+            (``"auto"``, ``"sublayers"``); see :func:`lightning_cka.layers.resolve_layers`.
+        other: a second network run on the same inputs (cross-comparison).
+        other_layers: layers of ``other``; defaults to ``layers``.
+        max_batches: stop after this many batches.
+        progress: show a progress bar.
+        input_key: dict key or tuple index of the model input in a batch.
+        reduction: ``"flatten"`` (paper default), ``"mean"`` or ``"cls"``.
+        output: element of tuple/dict module outputs to use.
+        precision: Gram product dtype, ``"float32"``, ``"bfloat16"`` or ``"float64"``.
+
+    Returns:
+        a :class:`CKAResult` with the ``(L, M)`` matrix and the layer names.
+
+    Self-comparison runs ``model`` once per batch. Both models run in eval mode under
+    ``torch.no_grad()``; their modes are restored and all hooks removed afterwards, also when
+    an exception is raised.
+    """
+    rows = resolve_layers(model, layers, "layers")
+    cols = rows
+    if other is not None:
+        cols = resolve_layers(other, other_layers if other_layers is not None else layers, "other_layers")
+    dtype = resolve_precision(precision)
+    named = dict(model.named_modules())
+    capture = GramCapture({n: named[n] for n in rows}, reduction, output, dtype)
+    other_capture = None
+    if other is not None:
+        other_named = dict(other.named_modules())
+        other_capture = GramCapture({n: other_named[n] for n in cols}, reduction, output, dtype)
+    metric = MinibatchCKA(precision=dtype, layer_names=rows, other_layer_names=cols if other is not None else None).to(
+        _device(model)
+    )
+    total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    models = (model,) if other is None else (model, other)
+    batches = 0
+    with HookSet() as hooks, eval_mode(*models), torch.no_grad():
+        capture.attach(hooks)
+        if other_capture is not None:
+            other_capture.attach(hooks)
+        for batch in _progress(dataloader, progress, total):
+            if max_batches is not None and batches >= max_batches:
+                break
+            x = extract_input(batch, input_key)
+            model(to_model_input(x, model))
+            k = capture.collect()
+            l = None
+            if other is not None and other_capture is not None:
+                other(to_model_input(x, other))
+                l = other_capture.collect()
+                if l is None:
+                    continue
+            if k is None:
+                continue
+            metric.update_grams(k, None if l is None else l.to(k.device))
+            batches += 1
+    if batches == 0:
+        raise ValueError("compare() saw no usable batch: the dataloader was empty or the chosen layers never ran.")
+    return CKAResult(metric.compute(), rows, list(cols), {"batches": batches})

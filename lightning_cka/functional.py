@@ -1,0 +1,194 @@
+"""Pure tensor functions behind minibatch CKA (linear kernel, unbiased HSIC).
+
+Everything here is stateless and works on any device. The data flow of the library is
+
+    activation (n, ...) --gram--> K (n, n) --center_gram_unbiased--> K_U (n, n)
+    stacked K_U's --hsic1_pairwise--> HSIC_1 for all layer pairs at once
+
+and the :class:`~lightning_cka.MinibatchCKA` metric only adds the three running sums
+of REFERENCE.md section 2 on top.
+
+Shapes: ``n`` examples, ``p`` features per example, ``L``/``M`` layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MIN_EXAMPLES",
+    "center_gram_unbiased",
+    "cka_from_sums",
+    "gram",
+    "grams",
+    "hsic1",
+    "hsic1_pairwise",
+    "linear_cka",
+    "minibatch_cka",
+]
+
+#: Unbiased HSIC_1 is defined only for minibatches of at least this many examples.
+MIN_EXAMPLES = 4
+
+
+def _gram_dtype(dtype: torch.dtype, precision: torch.dtype | None) -> torch.dtype:
+    """Dtype in which a Gram matrix is formed: ``precision`` or at least float32."""
+    if precision is not None:
+        return precision
+    return torch.promote_types(dtype, torch.float32)
+
+
+def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
+    """Linear-kernel Gram matrix of one layer's minibatch activations.
+
+    Args:
+        x: activations of shape ``(n, ...)``; flattened to ``(n, p)``.
+        precision: dtype of the matrix product. ``None`` uses the input dtype promoted to
+            at least float32 (bf16/fp16 activations are upcast).
+
+    Returns:
+        ``(n, n)`` Gram matrix ``X_c X_cᵀ`` of the mean-centred features, in float32 or
+        wider (a bfloat16 product is returned as float32).
+
+    Subtracting the per-minibatch feature mean is exact for unbiased HSIC (the unbiased
+    centring removes any ``a1ᵀ + 1aᵀ`` term) and avoids catastrophic cancellation for
+    activations with a large mean.
+    """
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"Expected activations of shape (n, ...) with n > 0, got {tuple(x.shape)}.")
+    flat = x.reshape(x.shape[0], -1)
+    work_dtype = _gram_dtype(x.dtype, precision)
+    # Centre in the wider of the input and working precision, then round once.
+    centre_dtype = torch.promote_types(x.dtype, work_dtype)
+    flat = flat.to(centre_dtype)
+    flat = flat - flat.mean(dim=0, keepdim=True)
+    flat = flat.to(work_dtype)
+    return (flat @ flat.T).to(torch.promote_types(work_dtype, torch.float32))
+
+
+def grams(xs: Sequence[Tensor], precision: torch.dtype | None = None) -> Tensor:
+    """Gram matrices of several layers of the same minibatch, stacked to ``(L, n, n)``."""
+    return torch.stack([gram(x, precision) for x in xs])
+
+
+def center_gram_unbiased(k: Tensor) -> Tensor:
+    """Unbiased centring of Gram matrices (Kornblith et al.; Song et al. 2012).
+
+    Args:
+        k: ``(..., n, n)`` symmetric Gram matrices, ``n >= 4``.
+
+    Returns:
+        ``K_U`` of the same shape with ``<K_U, L_U>_F = n (n - 3) HSIC_1(K, L)``.
+    """
+    n = k.shape[-1]
+    if n < MIN_EXAMPLES:
+        raise ValueError(f"Unbiased HSIC needs at least {MIN_EXAMPLES} examples, got n={n}.")
+    eye = torch.eye(n, dtype=torch.bool, device=k.device)
+    k = k.masked_fill(eye, 0)
+    means = k.sum(dim=-1) / (n - 2)
+    means = means - means.sum(dim=-1, keepdim=True) / (2 * (n - 1))
+    k = k - means.unsqueeze(-1) - means.unsqueeze(-2)
+    return k.masked_fill(eye, 0)
+
+
+def hsic1(k: Tensor, l: Tensor) -> Tensor:
+    """Unbiased HSIC_1 of two ``(n, n)`` Gram matrices (Song et al. 2012, eq. 5)."""
+    if k.shape != l.shape or k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(
+            f"Expected two square Gram matrices of equal shape, got {tuple(k.shape)} and {tuple(l.shape)}."
+        )
+    n = k.shape[0]
+    k_u, l_u = center_gram_unbiased(k.double()), center_gram_unbiased(l.double())
+    return (k_u * l_u).sum() / (n * (n - 3))
+
+
+def hsic1_pairwise(k: Tensor, l: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Unbiased HSIC_1 for every pair of layers of one minibatch, in float64.
+
+    Args:
+        k: ``(L, n, n)`` Gram matrices of the first set of layers.
+        l: ``(M, n, n)`` Gram matrices of the second set, or ``None`` for self-similarity.
+
+    Returns:
+        ``(hsic_kl, hsic_kk, hsic_ll)`` of shapes ``(L, M)``, ``(L,)``, ``(M,)``. All pairs are
+        one matrix product of the flattened, centred Grams.
+    """
+    n = k.shape[-1]
+    scale = 1.0 / (n * (n - 3))
+    k_u = center_gram_unbiased(k.double()).flatten(1)
+    hsic_kk = (k_u * k_u).sum(dim=1) * scale
+    if l is None:
+        return (k_u @ k_u.T) * scale, hsic_kk, hsic_kk
+    if l.shape[-1] != n:
+        raise ValueError(f"Both sets of Grams must come from the same n examples, got n={n} and n={l.shape[-1]}.")
+    l_u = center_gram_unbiased(l.double()).flatten(1)
+    return (k_u @ l_u.T) * scale, hsic_kk, (l_u * l_u).sum(dim=1) * scale
+
+
+def cka_from_sums(sum_xy: Tensor, sum_xx: Tensor, sum_yy: Tensor) -> Tensor:
+    """Minibatch CKA ``S_xy / sqrt(S_xx S_yy)`` (Nguyen et al. 2021).
+
+    Layers whose self-HSIC sum is not positive (constant or dead features) get NaN in
+    their row or column instead of an invented value.
+
+    Args:
+        sum_xy: ``(L, M)`` summed cross HSIC_1.
+        sum_xx: ``(L,)`` summed self HSIC_1 of the row layers.
+        sum_yy: ``(M,)`` summed self HSIC_1 of the column layers.
+    """
+    nan = torch.tensor(float("nan"), dtype=sum_xy.dtype, device=sum_xy.device)
+    sx = torch.where(sum_xx > 0, sum_xx, nan).sqrt()
+    sy = torch.where(sum_yy > 0, sum_yy, nan).sqrt()
+    return sum_xy / (sx.unsqueeze(1) * sy.unsqueeze(0))
+
+
+def minibatch_cka(
+    batches_x: Sequence[Sequence[Tensor]],
+    batches_y: Sequence[Sequence[Tensor]] | None = None,
+    precision: torch.dtype | None = None,
+) -> Tensor:
+    """Minibatch CKA over an iterable of minibatches, without the metric's bookkeeping.
+
+    Args:
+        batches_x: per minibatch, the activations of the L row layers.
+        batches_y: per minibatch, the activations of the M column layers, or ``None``.
+
+    Returns:
+        ``(L, M)`` float64 matrix.
+    """
+    sums: tuple[Tensor, Tensor, Tensor] | None = None
+    for i, xs in enumerate(batches_x):
+        k = grams(xs, precision)
+        ls = None if batches_y is None else grams(batches_y[i], precision)
+        parts = hsic1_pairwise(k, ls)
+        sums = parts if sums is None else tuple(s + p for s, p in zip(sums, parts, strict=True))  # type: ignore[assignment]
+    if sums is None:
+        raise ValueError("No minibatches given.")
+    return cka_from_sums(*sums)
+
+
+def linear_cka(x: Tensor, y: Tensor, unbiased: bool = False) -> Tensor:
+    """Full-batch linear CKA of two activations of the same ``n`` examples (Kornblith et al. 2019).
+
+    Args:
+        x: ``(n, ...)`` activations, flattened to ``(n, p)``.
+        y: ``(n, ...)`` activations, flattened to ``(n, q)``.
+        unbiased: use unbiased HSIC_1 (needs ``n >= 4``) instead of the biased
+            ``tr(KHLH) / (n - 1)^2`` estimator.
+
+    Returns:
+        scalar float64 tensor in ``[0, 1]`` (biased) or roughly so (unbiased).
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must hold the same examples, got n={x.shape[0]} and n={y.shape[0]}.")
+    x64 = x.reshape(x.shape[0], -1).double()
+    y64 = y.reshape(y.shape[0], -1).double()
+    k, l = gram(x64), gram(y64)
+    if unbiased:
+        hsic_xy, hsic_xx, hsic_yy = hsic1_pairwise(k.unsqueeze(0), l.unsqueeze(0))
+        return cka_from_sums(hsic_xy, hsic_xx, hsic_yy)[0, 0]
+    # Features are already mean-centred, so K and L are H K H and H L H.
+    return (k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum())

@@ -1,0 +1,126 @@
+"""Rendering: CKA heatmaps and line/scatter figures with matplotlib.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (not ``pyplot``), so
+nothing is registered globally and a figure is freed as soon as it is dropped; this
+keeps memory flat when a figure is rendered every validation epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = ["figure_to_array", "plot_cka_heatmap", "plot_series"]
+
+_MAX_TICKS = 32
+
+
+def _ticks(ax_set_ticks: Any, ax_set_labels: Any, names: Sequence[str] | None, size: int) -> None:
+    if names is None:
+        names = [str(i) for i in range(size)]
+    step = max(1, int(np.ceil(size / _MAX_TICKS)))
+    idx = list(range(0, size, step))
+    ax_set_ticks(idx)
+    ax_set_labels([names[i] for i in idx], fontsize=7)
+
+
+def plot_cka_heatmap(
+    matrix: torch.Tensor | np.ndarray,
+    rows: Sequence[str] | None = None,
+    cols: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    cmap: str = "magma",
+) -> tuple[Figure, Axes]:
+    """Draw an ``(L, M)`` CKA matrix as a heatmap on a fixed 0..1 colour scale.
+
+    Row ``i`` is drawn from the top, so layer 0 sits in the top-left corner. NaN entries
+    (undefined CKA) are drawn grey. Returns ``(fig, ax)``.
+    """
+    values = (
+        matrix.detach().double().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, dtype=float)
+    )
+    if values.ndim != 2:
+        raise ValueError(f"Expected a 2-D CKA matrix, got shape {values.shape}.")
+    n_rows, n_cols = values.shape
+    if ax is None:
+        side = float(np.clip(3.0 + 0.18 * max(n_rows, n_cols), 4.0, 12.0))
+        fig = Figure(figsize=(side + 1.2, side), dpi=100)
+        ax = fig.add_subplot()
+    else:
+        fig = ax.get_figure()  # type: ignore[assignment]
+    colormap = matplotlib.colormaps[cmap].copy()
+    colormap.set_bad("lightgrey")
+    image = ax.imshow(
+        np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap=colormap, interpolation="nearest", aspect="auto"
+    )
+    fig.colorbar(image, ax=ax, label="CKA")
+    _ticks(ax.set_yticks, ax.set_yticklabels, rows, n_rows)
+    _ticks(ax.set_xticks, ax.set_xticklabels, cols, n_cols)
+    ax.tick_params(axis="x", labelrotation=90)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig, ax
+
+
+def plot_series(
+    series: Mapping[str, Sequence[float]],
+    x: Sequence[float] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    xlabel: str = "block",
+    ylabel: str = "",
+    scatter: bool = False,
+    logy: bool = False,
+) -> tuple[Figure, Axes]:
+    """Lines (or scatter points) of named series against a shared x axis; returns ``(fig, ax)``.
+
+    With ``scatter=True`` each value of a series may itself be a sequence (e.g. one point per
+    attention head), drawn as several points at the same x.
+    """
+    if ax is None:
+        fig = Figure(figsize=(7.0, 4.5), dpi=100)
+        ax = fig.add_subplot()
+    else:
+        fig = ax.get_figure()  # type: ignore[assignment]
+    for label, values in series.items():
+        xs = list(x) if x is not None else list(range(len(values)))
+        if scatter:
+            px = [xi for xi, v in zip(xs, values, strict=False) for _ in np.atleast_1d(v)]
+            py = [float(u) for v in values for u in np.atleast_1d(v)]
+            ax.scatter(px, py, s=14, alpha=0.8, label=label)
+        else:
+            ax.plot(xs[: len(values)], list(values), marker="o", markersize=3, label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if series:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig, ax
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a figure to an ``(H, W, 3)`` uint8 RGB array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
