@@ -1,0 +1,313 @@
+"""``CKACallback``: minibatch CKA heatmaps of chosen layers, computed live during validation."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
+from lightning_cka.compare import CKAResult, to_model_input
+from lightning_cka.layers import LayerSpec, backbone_of, resolve_layers
+from lightning_cka.loggers import log_figure, log_scalars, run_dir
+from lightning_cka.metric import MinibatchCKA, resolve_precision
+from lightning_cka.plotting import plot_cka_heatmap
+
+__all__ = ["CKACallback"]
+
+
+class CKACallback(Callback):
+    """Log minibatch CKA between layers every validation epoch.
+
+    Hooks are armed at the start of each validation loop (in ``fit`` and ``validate``) and
+    removed when it ends, on an exception and in ``teardown``; training steps do no extra
+    work. Each hook turns its layer's output into an ``(n, n)`` Gram matrix on the spot,
+    and a :class:`~lightning_cka.MinibatchCKA` metric keeps the running sums, so memory is
+    ``O(L n^2)`` whatever the number of batches. The metric's ``compute()`` is a collective
+    and runs on every rank; only global rank zero logs.
+
+    Logged per validation (step = ``trainer.global_step``), with ``prefix = log_prefix``:
+
+    - images ``{prefix}/self`` (and ``{prefix}/reference`` with a reference model): heatmaps on
+      a fixed 0..1 scale, layer names on the axes, the epoch in the title;
+    - scalars ``{prefix}/self/adjacent_mean`` (mean CKA of consecutive layers) and
+      ``{prefix}/self/to_last/<layer>`` (each layer's CKA to the last one); with a reference,
+      ``{prefix}/reference/best_match_mean`` (mean over rows of the best-matching column);
+    - ``.npz`` files ``<run dir>/{prefix}/<name>_step<step>.npz`` with ``matrix``, ``rows``,
+      ``cols`` (``numpy.load(path)["matrix"]``, or :meth:`CKAResult.load`);
+    - :attr:`history`: every computed :class:`~lightning_cka.CKAResult`, also without a logger.
+
+    Args:
+        layers: layers of the LightningModule: ``"auto"`` (residual blocks of a timm ViT, timm or
+            torchvision ResNet found anywhere among its attributes), ``"sublayers"`` (each ViT
+            block's ``attn`` and ``mlp``), names relative to the LightningModule
+            (``"model.blocks.0.attn"``), glob patterns (``"model.blocks.*.mlp"``), module types,
+            or a list of those.
+        reference: a fixed ``nn.Module`` run on the same validation inputs (e.g. a trained ResNet
+            while training a ViT). It is never trained and not saved in checkpoints.
+        reference_layers: layers of ``reference`` (same rules; names relative to it).
+        every_n_epochs: run on validation epochs where ``current_epoch % every_n_epochs == 0``.
+        max_batches: use at most this many batches per validation.
+        max_examples: use at most this many examples per validation (whole batches).
+        reduction: ``"flatten"`` (the paper's default), ``"mean"`` over tokens/positions, or
+            ``"cls"`` (the class token of ViTs).
+        output: element of tuple/dict module outputs to use (index or key).
+        input_key: where the model input sits in a batch (tuple index or dict key); used to run
+            the reference model.
+        precision: Gram product dtype, ``"float32"``, ``"bfloat16"`` or ``"float64"``.
+        dataloader_idx: which validation dataloader to measure when there are several.
+        log_prefix: tag prefix; give each CKACallback in one Trainer its own.
+        save_matrices: write the ``.npz`` files.
+    """
+
+    def __init__(
+        self,
+        layers: LayerSpec = "auto",
+        reference: nn.Module | None = None,
+        reference_layers: LayerSpec = "auto",
+        every_n_epochs: int = 1,
+        max_batches: int | None = None,
+        max_examples: int | None = None,
+        reduction: str = "flatten",
+        output: OutputSelector = 0,
+        input_key: str | int = 0,
+        precision: str | torch.dtype = "float32",
+        dataloader_idx: int = 0,
+        log_prefix: str = "cka",
+        save_matrices: bool = True,
+    ) -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        for name, cap in (("max_batches", max_batches), ("max_examples", max_examples)):
+            if cap is not None and cap < 1:
+                raise ValueError(f"{name} must be a positive int or None, got {cap}.")
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise TypeError(f"reference must be an nn.Module, got {type(reference).__name__}.")
+        self.layers = layers
+        self.reference = reference
+        self.reference_layers = reference_layers
+        self.every_n_epochs = every_n_epochs
+        self.max_batches = max_batches
+        self.max_examples = max_examples
+        self.reduction = reduction
+        self.output = output
+        self.input_key = input_key
+        self.precision = resolve_precision(precision)
+        self.dataloader_idx = dataloader_idx
+        self.log_prefix = log_prefix.rstrip("/")
+        self.save_matrices = save_matrices
+        #: Every computed result, oldest first: ``{"epoch", "step", "self", "reference"?}``.
+        self.history: list[dict[str, Any]] = []
+        self.rows: list[str] = []
+        self.cols: list[str] = []
+        self._hooks = HookSet()
+        self._capture: GramCapture | None = None
+        self._reference_capture: GramCapture | None = None
+        self._self_metric: MinibatchCKA | None = None
+        self._reference_metric: MinibatchCKA | None = None
+        self._active = False
+        self._batches = 0
+        self._examples = 0
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(layers=repr(self.layers), log_prefix=self.log_prefix)
+
+    # -------------------------------------------------------------- setup/teardown
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve layers and build metrics; every configuration error surfaces here, before any step."""
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is not self and isinstance(other, CKACallback) and other.log_prefix == self.log_prefix:
+                raise ValueError(
+                    f"Two CKACallbacks log under the same prefix {self.log_prefix!r}; "
+                    "give each its own, e.g. CKACallback(..., log_prefix='cka_mlp')."
+                )
+        self.rows = resolve_layers(pl_module, self.layers, "layers")
+        if self.reduction == "cls":
+            self._check_cls(pl_module, self.rows, "layers")
+        named = dict(pl_module.named_modules())
+        self._capture = GramCapture({n: named[n] for n in self.rows}, self.reduction, self.output, self.precision)
+        self._self_metric = MinibatchCKA(num_layers=len(self.rows), precision=self.precision, layer_names=self.rows)
+        if self.reference is not None:
+            self.cols = resolve_layers(self.reference, self.reference_layers, "reference_layers")
+            if self.reduction == "cls":
+                self._check_cls(self.reference, self.cols, "reference_layers")
+            ref_named = dict(self.reference.named_modules())
+            self._reference_capture = GramCapture(
+                {n: ref_named[n] for n in self.cols}, self.reduction, self.output, self.precision
+            )
+            self._reference_metric = MinibatchCKA(
+                num_layers=len(self.rows),
+                num_other_layers=len(self.cols),
+                precision=self.precision,
+                layer_names=self.rows,
+                other_layer_names=self.cols,
+            )
+            self.reference.eval().requires_grad_(False)
+
+    @staticmethod
+    def _check_cls(root: nn.Module, names: list[str], what: str) -> None:
+        for name in names:
+            backbone = backbone_of(root, name)
+            if backbone is None or backbone.kind != "vit" or getattr(backbone.module, "cls_token", None) is None:
+                raise ValueError(
+                    f"reduction='cls' needs ViT layers with a class token, but {what} entry {name!r} is not in one; "
+                    "use reduction='mean' or 'flatten'."
+                )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._disarm()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._disarm()
+
+    # ------------------------------------------------------------ validation loop
+    def _should_run(self, trainer: pl.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        return trainer.state.fn != "fit" or trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._disarm()
+        if not self._should_run(trainer) or self._capture is None or self._self_metric is None:
+            return
+        self._self_metric.to(pl_module.device).reset()
+        if self.reference is not None and self._reference_metric is not None and self._reference_capture is not None:
+            self.reference.to(pl_module.device).eval()
+            self._reference_metric.to(pl_module.device).reset()
+            self._reference_capture.attach(self._hooks)
+        self._capture.clear()
+        self._capture.attach(self._hooks)
+        self._batches = self._examples = 0
+        self._active = True
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active or self._capture is None or self._self_metric is None:
+            return
+        grams = self._capture.collect()
+        if dataloader_idx != self.dataloader_idx or self._capped() or grams is None:
+            return
+        self._self_metric.update_grams(grams)
+        if self.reference is not None and self._reference_metric is not None:
+            reference_grams = self._run_reference(batch)
+            if reference_grams is not None:
+                self._reference_metric.update_grams(grams, reference_grams.to(grams.device))
+        self._batches += 1
+        self._examples += grams.shape[-1]
+        if self._capped():
+            self._hooks.remove()  # nothing more to capture this loop
+
+    def _capped(self) -> bool:
+        return (self.max_batches is not None and self._batches >= self.max_batches) or (
+            self.max_examples is not None and self._examples >= self.max_examples
+        )
+
+    def _run_reference(self, batch: Any) -> Tensor | None:
+        assert self.reference is not None and self._reference_capture is not None
+        try:
+            x = extract_input(batch, self.input_key)
+            with torch.no_grad():
+                self.reference(to_model_input(x, self.reference))
+        except Exception as err:  # a bad reference must not stop the user's run
+            self._reference_capture.clear()
+            rank_zero_warn(f"CKACallback: the reference model failed on a validation batch ({err!r}); batch skipped.")
+            return None
+        return self._reference_capture.collect()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active or self._self_metric is None:
+            return
+        self._hooks.remove()
+        self._active = False
+        # compute() is a collective under DDP: every rank calls it, whatever it saw itself.
+        used = trainer.strategy.reduce(self._self_metric.num_batches.clone(), reduce_op="sum")
+        if int(used) == 0:
+            return  # nothing usable on any rank (e.g. every batch had < 4 examples)
+        record: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        record["self"] = CKAResult(self._self_metric.compute().cpu(), self.rows, self.rows, dict(record))
+        if self._reference_metric is not None:
+            record["reference"] = CKAResult(self._reference_metric.compute().cpu(), self.rows, self.cols, dict(record))
+        self.history.append(record)
+        if trainer.is_global_zero:
+            self._log(trainer, record)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._disarm()
+
+    def _disarm(self) -> None:
+        self._hooks.remove()
+        self._active = False
+        if self._capture is not None:
+            self._capture.clear()
+        if self._reference_capture is not None:
+            self._reference_capture.clear()
+
+    # ------------------------------------------------------------------- logging
+    def _log(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
+        step, epoch, prefix = record["step"], record["epoch"], self.log_prefix
+        scalars: dict[str, float] = {}
+        for name in ("self", "reference"):
+            result: CKAResult | None = record.get(name)
+            if result is None:
+                continue
+            title = f"{'Self' if name == 'self' else 'Model x reference'} CKA, epoch {epoch} (step {step})"
+            fig, _ = plot_cka_heatmap(
+                result.matrix,
+                result.rows,
+                result.cols,
+                title=title,
+                xlabel="reference layer" if name == "reference" else "layer",
+                ylabel="layer",
+            )
+            log_figure(trainer, f"{prefix}/{name}", fig, step)
+            if self.save_matrices and trainer.loggers:
+                result.save(run_dir(trainer) / prefix / f"{name}_step{step:08d}.npz")
+            scalars.update(self._summary(name, result))
+        log_scalars(trainer, scalars, step)
+
+    def _summary(self, name: str, result: CKAResult) -> dict[str, float]:
+        m = result.matrix
+        prefix = f"{self.log_prefix}/{name}"
+        if name == "self":
+            out = {f"{prefix}/to_last/{row}": float(m[i, -1]) for i, row in enumerate(result.rows)}
+            if m.shape[0] > 1:
+                out[f"{prefix}/adjacent_mean"] = float(torch.diagonal(m, offset=1).nanmean())
+            return out
+        return {f"{prefix}/best_match_mean": float(torch.nan_to_num(m, nan=-1.0).amax(dim=1).mean())}
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        history = []
+        for record in self.history:
+            entry = {k: v for k, v in record.items() if not isinstance(v, CKAResult)}
+            for k, v in record.items():
+                if isinstance(v, CKAResult):
+                    entry[k] = {"matrix": v.matrix.clone(), "rows": list(v.rows), "cols": list(v.cols)}
+            history.append(entry)
+        return {"history": history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = []
+        for entry in copy.deepcopy(state_dict.get("history", [])):
+            record = {k: v for k, v in entry.items() if not isinstance(v, dict)}
+            for k, v in entry.items():
+                if isinstance(v, dict):
+                    record[k] = CKAResult(v["matrix"], v["rows"], v["cols"], {"epoch": record.get("epoch")})
+            self.history.append(record)

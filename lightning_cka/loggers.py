@@ -1,0 +1,91 @@
+"""Logging sinks: push rendered figures, scalars and raw matrices to whatever loggers a Trainer has.
+
+Call these on global rank zero only (the callback does). Each figure is rendered once to
+an RGB array and handed to every logger in the form it understands:
+
+- ``TensorBoardLogger``: ``add_image`` (HWC), ``add_custom_scalars`` layouts;
+- loggers with ``log_image`` (``WandbLogger``, ``NeptuneLogger``, ...): that method;
+- any other logger, or none: a PNG file under the run directory (:func:`run_dir`).
+
+Scalars go through ``logger.log_metrics``, which every Lightning logger implements.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from lightning_cka.plotting import figure_to_array
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["log_custom_scalar_layout", "log_figure", "log_scalars", "run_dir"]
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """Directory of the current run: the first logger's ``log_dir`` (TensorBoard, CSV) or
+    ``save_dir``, else ``trainer.default_root_dir``. Unlike ``trainer.log_dir`` this is not a
+    collective, so it may be called on rank zero alone."""
+    for logger in trainer.loggers:
+        directory = getattr(logger, "log_dir", None) or logger.save_dir
+        if directory:
+            return Path(directory)
+    return Path(trainer.default_root_dir)
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return isinstance(logger, TensorBoardLogger)
+
+
+def log_figure(trainer: pl.Trainer, tag: str, fig: Figure, step: int) -> None:
+    """Render ``fig`` once and send it to every logger of ``trainer`` under ``tag`` at ``step``."""
+    image = figure_to_array(fig)
+    wrote_file = False
+    for logger in trainer.loggers:
+        if _is_tensorboard(logger):
+            logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
+        elif callable(getattr(logger, "log_image", None)):
+            logger.log_image(key=tag, images=[image], step=step)
+        elif not wrote_file:
+            _save_png(trainer, tag, image, step)
+            wrote_file = True
+    if not trainer.loggers:
+        _save_png(trainer, tag, image, step)
+
+
+def _save_png(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> Path:
+    from PIL import Image
+
+    path = run_dir(trainer) / "figures" / f"{tag.replace('/', '_')}_step{step:08d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send scalars to every logger (no-op without loggers)."""
+    if not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def log_custom_scalar_layout(trainer: pl.Trainer, layout: Mapping[str, Mapping[str, list[str]]]) -> None:
+    """Register a TensorBoard custom-scalars layout ``{category: {chart: [tag regex, ...]}}``.
+
+    Only TensorBoard has this concept; other loggers are left alone.
+    """
+    for logger in trainer.loggers:
+        if _is_tensorboard(logger):
+            charts = {
+                category: {chart: ["Multiline", tags] for chart, tags in charts.items()}
+                for category, charts in layout.items()
+            }
+            logger.experiment.add_custom_scalars(charts)
