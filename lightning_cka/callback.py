@@ -12,11 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_cka.attention import AttentionDistanceCapture, plot_attention_distances
 from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
 from lightning_cka.compare import CKAResult, to_model_input
-from lightning_cka.layers import LayerSpec, backbone_of, resolve_layers
-from lightning_cka.loggers import log_figure, log_scalars, run_dir
+from lightning_cka.layers import LayerSpec, backbone_of, find_backbones, resolve_layers
+from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, run_dir
 from lightning_cka.metric import MinibatchCKA, resolve_precision
+from lightning_cka.norm_ratio import NormRatioCapture, find_residual_units, plot_norm_ratios
 from lightning_cka.plotting import plot_cka_heatmap
 
 __all__ = ["CKACallback"]
@@ -43,6 +45,14 @@ class CKACallback(Callback):
       ``cols`` (``numpy.load(path)["matrix"]``, or :meth:`CKAResult.load`);
     - :attr:`history`: every computed :class:`~lightning_cka.CKAResult`, also without a logger.
 
+    On recognised architectures it also logs the paper's two other signals (one switch each):
+
+    - skip-connection norm ratios ``norm_ratio/<block>/<unit>/<tokens>`` (e.g.
+      ``norm_ratio/model.blocks.0/attn/cls``, ``norm_ratio/model.layer2.0/residual/all``), a
+      figure ``norm_ratio/curves`` and a TensorBoard custom-scalars layout grouping them;
+    - mean attention distances of timm ViTs, ``attention_distance/<layer>`` (mean over heads, in
+      pixels) and a per-head scatter figure ``attention_distance/heads``.
+
     Args:
         layers: layers of the LightningModule: ``"auto"`` (residual blocks of a timm ViT, timm or
             torchvision ResNet found anywhere among its attributes), ``"sublayers"`` (each ViT
@@ -64,6 +74,11 @@ class CKACallback(Callback):
         dataloader_idx: which validation dataloader to measure when there are several.
         log_prefix: tag prefix; give each CKACallback in one Trainer its own.
         save_matrices: write the ``.npz`` files.
+        norm_ratio: measure skip-connection norm ratios of the LightningModule's timm ViT / ResNet
+            or torchvision ResNet blocks (only the first CKACallback of a Trainer does).
+        attention_distance: measure mean attention distances of its timm ViTs (likewise).
+        attention_max_examples: examples per batch used for attention distances (recomputing
+            attention costs about one extra attention pass per layer); ``None`` for all.
     """
 
     def __init__(
@@ -81,6 +96,9 @@ class CKACallback(Callback):
         dataloader_idx: int = 0,
         log_prefix: str = "cka",
         save_matrices: bool = True,
+        norm_ratio: bool = True,
+        attention_distance: bool = True,
+        attention_max_examples: int | None = 32,
     ) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
@@ -104,6 +122,9 @@ class CKACallback(Callback):
         self.dataloader_idx = dataloader_idx
         self.log_prefix = log_prefix.rstrip("/")
         self.save_matrices = save_matrices
+        self.norm_ratio = norm_ratio
+        self.attention_distance = attention_distance
+        self.attention_max_examples = attention_max_examples
         #: Every computed result, oldest first: ``{"epoch", "step", "self", "reference"?}``.
         self.history: list[dict[str, Any]] = []
         self.rows: list[str] = []
@@ -113,6 +134,9 @@ class CKACallback(Callback):
         self._reference_capture: GramCapture | None = None
         self._self_metric: MinibatchCKA | None = None
         self._reference_metric: MinibatchCKA | None = None
+        self._norm_capture: NormRatioCapture | None = None
+        self._attention_capture: AttentionDistanceCapture | None = None
+        self._layout_logged = False
         self._active = False
         self._batches = 0
         self._examples = 0
@@ -153,6 +177,19 @@ class CKACallback(Callback):
                 other_layer_names=self.cols,
             )
             self.reference.eval().requires_grad_(False)
+        self._setup_signals(trainer, pl_module)
+
+    def _setup_signals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Norm ratios and attention distances, on the first CKACallback that asks for them."""
+        siblings = [cb for cb in trainer.callbacks if isinstance(cb, CKACallback)]  # type: ignore[attr-defined]
+        self._norm_capture = self._attention_capture = None
+        if self.norm_ratio and next(cb for cb in siblings if cb.norm_ratio) is self:
+            units = find_residual_units(pl_module)
+            if units:
+                self._norm_capture = NormRatioCapture(pl_module, units)
+        wants_attention = self.attention_distance and next(cb for cb in siblings if cb.attention_distance) is self
+        if wants_attention and any(b.kind == "vit" for b in find_backbones(pl_module)):
+            self._attention_capture = AttentionDistanceCapture(pl_module, self.attention_max_examples)
 
     @staticmethod
     def _check_cls(root: nn.Module, names: list[str], what: str) -> None:
@@ -187,6 +224,11 @@ class CKACallback(Callback):
             self._reference_capture.attach(self._hooks)
         self._capture.clear()
         self._capture.attach(self._hooks)
+        for extra in (self._norm_capture, self._attention_capture):
+            if extra is not None:
+                extra.metric.to(pl_module.device)
+                extra.reset()
+                extra.attach(self._hooks)
         self._batches = self._examples = 0
         self._active = True
 
@@ -244,6 +286,10 @@ class CKACallback(Callback):
         record["self"] = CKAResult(self._self_metric.compute().cpu(), self.rows, self.rows, dict(record))
         if self._reference_metric is not None:
             record["reference"] = CKAResult(self._reference_metric.compute().cpu(), self.rows, self.cols, dict(record))
+        if self._norm_capture is not None:
+            record["norm_ratio"] = self._norm_capture.compute()
+        if self._attention_capture is not None:
+            record["attention_distance"] = {k: v.tolist() for k, v in self._attention_capture.compute().items()}
         self.history.append(record)
         if trainer.is_global_zero:
             self._log(trainer, record)
@@ -280,7 +326,32 @@ class CKACallback(Callback):
             if self.save_matrices and trainer.loggers:
                 result.save(run_dir(trainer) / prefix / f"{name}_step{step:08d}.npz")
             scalars.update(self._summary(name, result))
+        ratios: dict[str, float] | None = record.get("norm_ratio")
+        if ratios:
+            scalars.update({f"norm_ratio/{series}": value for series, value in ratios.items()})
+            fig, _ = plot_norm_ratios(ratios, title=f"Skip-connection norm ratio, epoch {epoch} (step {step})")
+            log_figure(trainer, "norm_ratio/curves", fig, step)
+            if not self._layout_logged:
+                log_custom_scalar_layout(trainer, {"norm_ratio": self._norm_layout(ratios)})
+                self._layout_logged = True
+        distances: dict[str, list[float]] | None = record.get("attention_distance")
+        if distances:
+            scalars.update({f"attention_distance/{layer}": sum(h) / len(h) for layer, h in distances.items()})
+            fig, _ = plot_attention_distances(
+                {k: torch.tensor(v) for k, v in distances.items()},
+                title=f"Mean attention distance per head, epoch {epoch} (step {step})",
+            )
+            log_figure(trainer, "attention_distance/heads", fig, step)
         log_scalars(trainer, scalars, step)
+
+    @staticmethod
+    def _norm_layout(ratios: Mapping[str, float]) -> dict[str, list[str]]:
+        """One chart per (unit, token group), each holding that series of every block."""
+        charts: dict[str, list[str]] = {}
+        for series in ratios:
+            _, unit, group = series.rsplit("/", 2)
+            charts.setdefault(f"{unit}/{group}", [f"norm_ratio/.*/{unit}/{group}$"])
+        return charts
 
     def _summary(self, name: str, result: CKAResult) -> dict[str, float]:
         m = result.matrix
@@ -297,17 +368,19 @@ class CKACallback(Callback):
         history = []
         for record in self.history:
             entry = {k: v for k, v in record.items() if not isinstance(v, CKAResult)}
-            for k, v in record.items():
-                if isinstance(v, CKAResult):
-                    entry[k] = {"matrix": v.matrix.clone(), "rows": list(v.rows), "cols": list(v.cols)}
+            entry["cka"] = {
+                k: {"matrix": v.matrix.clone(), "rows": list(v.rows), "cols": list(v.cols)}
+                for k, v in record.items()
+                if isinstance(v, CKAResult)
+            }
             history.append(entry)
         return {"history": history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = []
         for entry in copy.deepcopy(state_dict.get("history", [])):
-            record = {k: v for k, v in entry.items() if not isinstance(v, dict)}
-            for k, v in entry.items():
-                if isinstance(v, dict):
-                    record[k] = CKAResult(v["matrix"], v["rows"], v["cols"], {"epoch": record.get("epoch")})
+            record = {k: v for k, v in entry.items() if k != "cka"}
+            meta = {"epoch": record.get("epoch"), "step": record.get("step")}
+            for name, saved in entry.get("cka", {}).items():
+                record[name] = CKAResult(saved["matrix"], saved["rows"], saved["cols"], dict(meta))
             self.history.append(record)
