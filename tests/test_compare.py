@@ -1,0 +1,355 @@
+"""Offline compare() on tiny timm/torchvision models, checked against activations captured by
+this test's own forward hooks (independent of lightning_cka.capture)."""
+
+import numpy as np
+import pytest
+import reference as ref
+import timm
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from lightning_cka import CKAResult, MinibatchCKA, compare
+
+TOL32 = 1e-5
+TOL64 = 1e-10
+VIT_SUBLAYERS = ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+RESNET_BLOCKS = ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=2
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(1)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
+    # Non-trivial batch-norm statistics so train/eval mode would change the activations.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(n, 3, 32, 32, generator=g) for n in (8, 6, 5)]
+
+
+def own_capture(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Per batch, the outputs of the named modules, via plain forward hooks (eval, no_grad)."""
+    modules = dict(model.named_modules())
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m, _args, out, name=name):
+            out = out[0] if isinstance(out, tuple | list) else out
+            store[name] = out.detach().clone()
+
+        handles.append(modules[name].register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    result = []
+    try:
+        with torch.no_grad():
+            for x in batches:
+                store.clear()
+                model(x)
+                result.append([store[n] for n in names])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return result
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+class CountCalls:
+    """Forward pre-hook on a root module: counts calls and records mode/grad state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.calls = 0
+        self.training: list[bool] = []
+        self.grad_enabled: list[bool] = []
+        self.hooks_seen: list[int] = []
+        self._model = model
+        self._handle = model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        self.training.append(module.training)
+        self.grad_enabled.append(torch.is_grad_enabled())
+        self.hooks_seen.append(hook_count(self._model))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class Exploding:
+    """An iterable that must never be iterated."""
+
+    def __iter__(self):
+        raise RuntimeError("the dataloader was iterated")
+
+    def __len__(self):
+        return 3
+
+
+def metric_on(batches_x, batches_y=None) -> torch.Tensor:
+    metric = MinibatchCKA()
+    for i, xs in enumerate(batches_x):
+        metric.update(xs, None if batches_y is None else batches_y[i])
+    return metric.compute()
+
+
+# -------------------------------------------------------------------------------- values
+def test_vit_self_comparison_matches_own_hooks(vit, images):
+    counter = CountCalls(vit)
+    try:
+        result = compare(vit, images, layers="sublayers", progress=False)
+    finally:
+        counter.remove()
+    assert counter.calls == len(images)  # the model runs once per batch in self-comparison
+    assert result.rows == VIT_SUBLAYERS and result.cols == VIT_SUBLAYERS
+    assert result.matrix.shape == (4, 4) and result.matrix.dtype == torch.float64
+    assert result.meta["batches"] == len(images)
+
+    acts = own_capture(vit, VIT_SUBLAYERS, images)
+    assert acts[0][0].shape == (8, 65, 192)  # full tokens x channels are flattened
+    assert ref.max_abs_err(result.matrix, metric_on(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "timm"])
+def test_resnet_self_comparison_matches_own_hooks(resnet, images, kind):
+    if kind == "timm":
+        from timm.models.resnet import BasicBlock as TimmBlock
+        from timm.models.resnet import ResNet as TimmResNet
+
+        torch.manual_seed(2)
+        model = TimmResNet(TimmBlock, [1, 1, 1, 1], num_classes=10)
+    else:
+        model = resnet
+    counter = CountCalls(model)
+    try:
+        result = compare(model, images, layers="auto", progress=False)
+    finally:
+        counter.remove()
+    assert counter.calls == len(images)
+    assert result.rows == RESNET_BLOCKS
+    acts = own_capture(model, RESNET_BLOCKS, images)
+    assert ref.max_abs_err(result.matrix, metric_on(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+
+
+def test_float64_precision_matches_reference_tightly(resnet, images):
+    result = compare(resnet, images, layers=RESNET_BLOCKS[:3], progress=False, precision="float64")
+    acts = own_capture(resnet, RESNET_BLOCKS[:3], images)
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL64
+
+
+def test_cross_comparison_returns_l_by_m(vit, resnet, images):
+    vit_counter, rn_counter = CountCalls(vit), CountCalls(resnet)
+    try:
+        result = compare(
+            vit, images, layers=["blocks.0", "blocks.1"], other=resnet, other_layers="auto", progress=False
+        )
+    finally:
+        vit_counter.remove()
+        rn_counter.remove()
+    assert vit_counter.calls == rn_counter.calls == len(images)
+    assert result.matrix.shape == (2, 4)
+    assert result.rows == ["blocks.0", "blocks.1"] and result.cols == RESNET_BLOCKS
+    xs = own_capture(vit, result.rows, images)
+    ys = own_capture(resnet, RESNET_BLOCKS, images)
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(xs, ys)) < TOL32
+
+
+def test_cross_comparison_of_a_model_with_its_copy_is_self_matrix(resnet, images):
+    import copy
+
+    twin = copy.deepcopy(resnet)
+    cross = compare(resnet, images, layers=RESNET_BLOCKS, other=twin, progress=False)
+    self_ = compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
+    assert cross.matrix.shape == (4, 4)
+    assert ref.max_abs_err(cross.matrix, self_.matrix) < 1e-12
+
+
+# ------------------------------------------------------------------------- layer errors
+def test_unknown_layer_lists_close_names_before_iterating(vit):
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn"):
+        compare(vit, Exploding(), layers=["blocks.0.atn"], progress=False)
+    assert hook_count(vit) == 0
+
+
+def test_unknown_other_layer_raises_before_iterating(vit, resnet):
+    before = hook_count(vit), hook_count(resnet)
+    with pytest.raises(ValueError, match=r"layer1\.0"):
+        compare(vit, Exploding(), layers=["blocks.0"], other=resnet, other_layers=["layer1.O"], progress=False)
+    assert (hook_count(vit), hook_count(resnet)) == before
+
+
+# ---------------------------------------------------------------------- batch handling
+@pytest.mark.parametrize("fmt", ["tensor", "tuple", "list", "dict", "tuple_key"])
+def test_batch_formats(resnet, images, fmt):
+    labels = [torch.zeros(len(x), dtype=torch.long) for x in images]
+    kwargs = {}
+    if fmt == "tensor":
+        loader = images
+    elif fmt == "tuple":
+        loader = [(x, y) for x, y in zip(images, labels, strict=True)]
+    elif fmt == "list":
+        loader = [[x, y] for x, y in zip(images, labels, strict=True)]
+    elif fmt == "dict":
+        loader = [{"label": y, "image": x} for x, y in zip(images, labels, strict=True)]
+        kwargs["input_key"] = "image"
+    else:
+        loader = [(y, x) for x, y in zip(images, labels, strict=True)]
+        kwargs["input_key"] = 1
+    result = compare(resnet, loader, layers=RESNET_BLOCKS[:2], progress=False, **kwargs)
+    acts = own_capture(resnet, RESNET_BLOCKS[:2], images)
+    assert result.meta["batches"] == len(images)
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+
+
+def test_dict_batch_without_input_key_raises(resnet, images):
+    with pytest.raises(KeyError, match="input_key"):
+        compare(resnet, [{"image": images[0]}], layers=RESNET_BLOCKS[:2], progress=False)
+    assert hook_count(resnet) == 0
+
+
+def test_generator_dataloader_without_len(resnet, images):
+    result = compare(resnet, (x for x in images), layers=RESNET_BLOCKS[:2], progress=False)
+    assert result.meta["batches"] == len(images)
+
+
+def test_max_batches(resnet, images):
+    loader = images + [x.flip(0) for x in images]
+    counter = CountCalls(resnet)
+    try:
+        result = compare(resnet, loader, layers=RESNET_BLOCKS[:2], max_batches=2, progress=False)
+    finally:
+        counter.remove()
+    assert counter.calls == 2
+    assert result.meta["batches"] == 2
+    acts = own_capture(resnet, RESNET_BLOCKS[:2], images[:2])
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    full = ref.minibatch_cka(own_capture(resnet, RESNET_BLOCKS[:2], loader))
+    assert ref.max_abs_err(full, ref.minibatch_cka(acts)) > 1e-6  # max_batches changes the answer
+
+
+def test_small_tail_batch_skipped_with_warning(resnet, images):
+    loader = [images[0], images[1], images[2][:3]]
+    with pytest.warns(UserWarning, match="at least 4"):
+        result = compare(resnet, loader, layers=RESNET_BLOCKS[:2], progress=False)
+    acts = own_capture(resnet, RESNET_BLOCKS[:2], images[:2])
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+
+
+def test_empty_dataloader_raises(resnet):
+    with pytest.raises(ValueError, match="no usable batch"):
+        compare(resnet, [], layers=RESNET_BLOCKS[:2], progress=False)
+    assert hook_count(resnet) == 0
+
+
+def test_progress_bar(resnet, images, capsys):
+    quiet = compare(resnet, images, layers=RESNET_BLOCKS[:2], progress=False)
+    assert "CKA" not in capsys.readouterr().err
+    loud = compare(resnet, images, layers=RESNET_BLOCKS[:2], progress=True)
+    assert "CKA" in capsys.readouterr().err
+    assert torch.equal(quiet.matrix, loud.matrix)
+
+
+# ------------------------------------------------------------- mode and hook hygiene
+@pytest.mark.parametrize("training", [True, False])
+def test_mode_restored_and_hooks_removed(resnet, images, training):
+    resnet.train(training)
+    bn = resnet.bn1
+    stats = bn.running_mean.clone()
+    before = hook_count(resnet)
+    counter = CountCalls(resnet)
+    try:
+        compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
+    finally:
+        counter.remove()
+    assert counter.training == [False] * len(images)  # ran in eval mode
+    assert counter.grad_enabled == [False] * len(images)  # under no_grad
+    assert all(seen >= before + 1 + len(RESNET_BLOCKS) for seen in counter.hooks_seen)  # hooks were live
+    assert resnet.training is training
+    assert all(m.training is training for m in resnet.modules())
+    assert hook_count(resnet) == before
+    assert torch.equal(bn.running_mean, stats)  # eval mode: batch-norm statistics untouched
+    assert all(p.grad is None for p in resnet.parameters())
+    resnet.eval()
+
+
+def _failing_loader(images):
+    yield images[0]
+    yield torch.randn(4, 5, 32, 32)  # wrong channel count: the first conv raises
+
+
+def _raising_loader(images):
+    yield images[0]
+    raise OSError("disk gone")
+
+
+@pytest.mark.parametrize("where", ["forward", "dataloader"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_mode_and_hooks_restored_after_exception(vit, resnet, images, where, cross):
+    vit.train()
+    resnet.train()
+    before = hook_count(vit), hook_count(resnet)
+    loader = _failing_loader(images) if where == "forward" else _raising_loader(images)
+    error = RuntimeError if where == "forward" else OSError
+    kwargs = {"other": vit, "other_layers": ["blocks.0"]} if cross else {}
+    with pytest.raises(error):
+        compare(resnet, loader, layers=RESNET_BLOCKS, progress=False, **kwargs)
+    assert resnet.training and all(m.training for m in resnet.modules())
+    assert vit.training and all(m.training for m in vit.modules())
+    assert (hook_count(vit), hook_count(resnet)) == before
+    vit.eval()
+    resnet.eval()
+
+
+# -------------------------------------------------------------------------- CKAResult
+def test_result_save_load_round_trip(resnet, images, tmp_path):
+    result = compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
+    path = result.save(tmp_path / "cka.npz")
+    assert path == tmp_path / "cka.npz" and path.exists()
+    np.testing.assert_array_equal(np.load(path)["matrix"], result.matrix.numpy())
+    loaded = CKAResult.load(path)
+    assert torch.equal(loaded.matrix, result.matrix)
+    assert loaded.rows == result.rows and loaded.cols == result.cols
+    assert loaded.meta["batches"] == len(images)
+
+    other = result.save(tmp_path / "nested" / "run")  # suffix added, folders created
+    assert other.suffix == ".npz" and other.exists()
+    assert torch.equal(CKAResult.load(other).matrix, result.matrix)
+
+
+def test_result_with_nan_round_trips(tmp_path):
+    matrix = torch.tensor([[1.0, float("nan")], [0.5, 1.0]], dtype=torch.float64)
+    result = CKAResult(matrix, ["a", "b"], ["c", "d"], {"epoch": 3})
+    loaded = CKAResult.load(result.save(tmp_path / "r.npz"))
+    assert torch.equal(torch.isnan(loaded.matrix), torch.isnan(matrix))
+    assert loaded.matrix[1, 0] == 0.5
+    assert loaded.meta == {"epoch": 3}
+
+
+def test_result_plot_labels(resnet, images):
+    result = compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
+    fig, ax = result.plot(title="t")
+    assert fig is ax.get_figure()
+    assert [t.get_text() for t in ax.get_yticklabels()] == RESNET_BLOCKS
+    assert [t.get_text() for t in ax.get_xticklabels()] == RESNET_BLOCKS

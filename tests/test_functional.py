@@ -1,0 +1,196 @@
+"""lightning_cka.functional against the independent reference in tests/reference.py."""
+
+import numpy as np
+import pytest
+import reference as ref
+import torch
+
+from lightning_cka import functional as F
+
+TOL64 = 1e-10
+TOL32 = 1e-5
+
+
+def _gram64(x: torch.Tensor) -> torch.Tensor:
+    """Plain (uncentred) float64 Gram, as the Song formula is stated for any Gram matrix."""
+    m = x.reshape(x.shape[0], -1).double()
+    return m @ m.T
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+def test_reference_float64_agrees_with_exact_arithmetic(gen):
+    # Sanity check of the reference itself on integer data: float64 Song == exact rational Song.
+    xs = [torch.randint(-5, 6, (9, 7), generator=gen).double() for _ in range(3)]
+    approx = ref.minibatch_cka([xs])
+    exact = ref.minibatch_cka_exact([xs])
+    assert ref.max_abs_err(approx, exact) < 1e-12
+
+
+@pytest.mark.parametrize("n", [4, 5, 12])
+def test_hsic1_matches_song_formula(gen, n):
+    x = torch.randn(n, 6, generator=gen, dtype=torch.float64) + 3.0
+    y = torch.randn(n, 2, 5, generator=gen, dtype=torch.float64)
+    k, l = _gram64(x), _gram64(y)
+    for a, b in [(k, l), (k, k), (l, l), (l, k)]:
+        got = F.hsic1(a, b)
+        assert got.dtype == torch.float64
+        expected = ref.hsic1(a, b)
+        assert _rel(float(got), expected) < TOL64
+
+
+def test_hsic1_float32_gram_is_computed_in_float64(gen):
+    x = torch.randn(10, 8, generator=gen)
+    k = x @ x.T
+    assert F.hsic1(k, k).dtype == torch.float64
+    assert _rel(float(F.hsic1(k, k)), ref.hsic1(k, k)) < 1e-10
+
+
+def test_hsic1_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        F.hsic1(torch.eye(5), torch.eye(6))
+    with pytest.raises(ValueError):
+        F.hsic1(torch.ones(5, 4), torch.ones(5, 4))
+
+
+@pytest.mark.parametrize("n", [4, 7, 16])
+def test_center_gram_unbiased_inner_product_identity(gen, n):
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64) * 2 + 1
+    y = torch.randn(n, 9, generator=gen, dtype=torch.float64) - 4
+    k, l = _gram64(x), _gram64(y)
+    k_u, l_u = F.center_gram_unbiased(k), F.center_gram_unbiased(l)
+    assert torch.all(torch.diagonal(k_u) == 0)
+    assert torch.allclose(k_u, k_u.T, atol=1e-12, rtol=0)
+    inner = float((k_u * l_u).sum())
+    expected = n * (n - 3) * ref.hsic1(k, l)
+    assert _rel(inner, expected) < TOL64
+    # Batched input (..., n, n) gives the same per-matrix result.
+    both = F.center_gram_unbiased(torch.stack([k, l]))
+    assert torch.allclose(both[0], k_u, atol=1e-12, rtol=0)
+    assert torch.allclose(both[1], l_u, atol=1e-12, rtol=0)
+
+
+def test_gram_centring_is_exact_for_hsic1(gen):
+    # gram() mean-centres features; HSIC_1 must be unchanged w.r.t. the plain Gram X Xᵀ.
+    x = torch.randn(11, 6, generator=gen, dtype=torch.float64) + 5.0
+    y = torch.randn(11, 3, 4, generator=gen, dtype=torch.float64) - 2.0
+    k = F.gram(x)
+    assert k.shape == (11, 11)
+    assert _rel(float(F.hsic1(k, F.gram(y))), ref.hsic1(_gram64(x), _gram64(y))) < TOL64
+
+
+def test_gram_dtypes(gen):
+    x = torch.randn(6, 4, generator=gen)
+    assert F.gram(x).dtype == torch.float32
+    assert F.gram(x.bfloat16()).dtype == torch.float32
+    assert F.gram(x, precision=torch.bfloat16).dtype == torch.float32
+    assert F.gram(x, precision=torch.float64).dtype == torch.float64
+    assert F.grams([x, x[:, :2]]).shape == (2, 6, 6)
+    with pytest.raises(ValueError):
+        F.gram(torch.empty(0, 3))
+
+
+def test_hsic1_pairwise_matches_reference_for_all_pairs(gen):
+    n = 10
+    xs = [torch.randn(n, 7, generator=gen, dtype=torch.float64) + i for i in range(3)]
+    ys = [torch.randn(n, 3, 2, generator=gen, dtype=torch.float64) for _ in range(2)]
+    ks = torch.stack([_gram64(x) for x in xs])
+    ls = torch.stack([_gram64(y) for y in ys])
+    kl, kk, ll = F.hsic1_pairwise(ks, ls)
+    assert kl.shape == (3, 2) and kk.shape == (3,) and ll.shape == (2,)
+    assert kl.dtype == kk.dtype == ll.dtype == torch.float64
+    for i in range(3):
+        assert _rel(float(kk[i]), ref.hsic1(ks[i], ks[i])) < TOL64
+        for j in range(2):
+            assert _rel(float(kl[i, j]), ref.hsic1(ks[i], ls[j])) < TOL64
+    for j in range(2):
+        assert _rel(float(ll[j]), ref.hsic1(ls[j], ls[j])) < TOL64
+
+    # Self-similarity: (L, L) matrix, both self terms equal.
+    kk_mat, kk1, kk2 = F.hsic1_pairwise(ks)
+    assert kk_mat.shape == (3, 3)
+    for i in range(3):
+        for j in range(3):
+            assert _rel(float(kk_mat[i, j]), ref.hsic1(ks[i], ks[j])) < TOL64
+    assert torch.equal(kk1, kk2)
+
+
+def test_hsic1_pairwise_rejects_different_n(gen):
+    with pytest.raises(ValueError, match="same n"):
+        F.hsic1_pairwise(torch.eye(5).expand(2, 5, 5), torch.eye(6).expand(1, 6, 6))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_cka_matches_reference(gen, unbiased, dtype):
+    x = (torch.randn(20, 4, 5, generator=gen, dtype=torch.float64) + 2).to(dtype)
+    w = torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    y = (x.reshape(20, -1).double() @ torch.randn(20, 12, generator=gen, dtype=torch.float64) + w).to(dtype)
+    got = F.linear_cka(x, y, unbiased=unbiased)
+    assert got.dtype == torch.float64 and got.ndim == 0
+    expected = ref.linear_cka(x, y, unbiased=unbiased)
+    tol = TOL64 if dtype == torch.float64 else TOL32
+    assert abs(float(got) - expected) < tol
+    assert 0.05 < expected < 1.0  # a non-trivial value, so the comparison means something
+
+
+def test_linear_cka_biased_properties(gen):
+    x = torch.randn(15, 6, generator=gen, dtype=torch.float64)
+    assert abs(float(F.linear_cka(x, x)) - 1.0) < 1e-12
+    y = torch.randn(15, 6, generator=gen, dtype=torch.float64)
+    value = float(F.linear_cka(x, y))
+    assert 0.0 <= value <= 1.0
+    assert abs(value - float(F.linear_cka(y, x))) < 1e-12
+
+
+def test_linear_cka_rejects_different_n():
+    with pytest.raises(ValueError):
+        F.linear_cka(torch.randn(5, 3), torch.randn(6, 3))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_small_n_raises(n):
+    k = torch.eye(n, dtype=torch.float64)
+    with pytest.raises(ValueError, match="4"):
+        F.center_gram_unbiased(k)
+    with pytest.raises(ValueError):
+        F.hsic1(k, k)
+
+
+_N3_BUG = pytest.mark.xfail(
+    raises=ZeroDivisionError,
+    strict=True,
+    reason="library bug: hsic1_pairwise computes 1/(n(n-3)) before checking n >= 4 (ZeroDivisionError at n=3)",
+)
+
+
+@pytest.mark.parametrize("n", [1, 2, pytest.param(3, marks=_N3_BUG)])
+def test_small_n_raises_pairwise_and_unbiased_cka(n):
+    k = torch.eye(n, dtype=torch.float64)
+    with pytest.raises(ValueError, match="4"):
+        F.hsic1_pairwise(k.unsqueeze(0))
+    with pytest.raises(ValueError, match="4"):
+        F.linear_cka(torch.randn(n, 3), torch.randn(n, 3), unbiased=True)
+
+
+def test_minibatch_cka_function_matches_reference(gen):
+    batches_x = [[torch.randn(n, 6, generator=gen), torch.randn(n, 2, 3, generator=gen)] for n in (5, 9, 16)]
+    batches_y = [[torch.randn(len(b[0]), 4, generator=gen) + b[0][:, :4]] for b in batches_x]
+    got = F.minibatch_cka(batches_x)
+    assert got.shape == (2, 2) and got.dtype == torch.float64
+    assert ref.max_abs_err(got, ref.minibatch_cka(batches_x)) < TOL32
+    cross = F.minibatch_cka(batches_x, batches_y)
+    assert cross.shape == (2, 1)
+    assert ref.max_abs_err(cross, ref.minibatch_cka(batches_x, batches_y)) < TOL32
+    with pytest.raises(ValueError):
+        F.minibatch_cka([])
+
+
+def test_cka_from_sums_nan_for_non_positive_self_terms():
+    sum_xy = torch.tensor([[1.0, 0.5], [0.2, 0.3]], dtype=torch.float64)
+    out = F.cka_from_sums(sum_xy, torch.tensor([4.0, 0.0], dtype=torch.float64), torch.tensor([1.0, -2.0]).double())
+    assert out[0, 0] == pytest.approx(0.5)
+    assert torch.isnan(out[1]).all() and torch.isnan(out[:, 1]).all()
+    assert np.isfinite(float(out[0, 0]))
