@@ -181,6 +181,10 @@ def compare(
                 continue
             metric.update_grams(k, None if l is None else l.to(k.device))
             batches += 1
-    if batches == 0:
-        raise ValueError("compare() saw no usable batch: the dataloader was empty or the chosen layers never ran.")
-    return CKAResult(metric.compute(), rows, list(cols), {"batches": batches})
+    used = int(metric.num_batches)
+    if used == 0:
+        raise ValueError(
+            f"compare() saw no usable batch out of {batches}: the dataloader was empty, the chosen layers never ran, "
+            "or every batch had fewer than 4 examples or non-finite activations."
+        )
+    return CKAResult(metric.compute(), rows, list(cols), {"batches": used})

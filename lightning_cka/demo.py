@@ -166,3 +166,49 @@ def run_demo(cfg: DemoConfig) -> list[DemoResult]:
         if name == "resnet":
             reference = result.model
     return results
+
+
+def write_summary(results: list[DemoResult], path: Path) -> Path:
+    """One-page PNG: self-CKA of each model, ViT x ResNet CKA, norm ratios and attention distances
+    from the last validation epoch, for people who do not open TensorBoard."""
+    from matplotlib.figure import Figure
+
+    from lightning_cka.attention import plot_attention_distances
+    from lightning_cka.norm_ratio import plot_norm_ratios
+    from lightning_cka.plotting import plot_cka_heatmap
+
+    fig = Figure(figsize=(18, 11), dpi=100)
+    axes = fig.subplots(2, 3).ravel()
+    panels = 0
+    for result in results:
+        last = result.callback.history[-1] if result.callback.history else {}
+        for key, label in (("self", f"{result.name} self-CKA"), ("reference", f"{result.name} x reference CKA")):
+            if key in last and panels < 3:
+                cka = last[key]
+                plot_cka_heatmap(
+                    cka.matrix, cka.rows, cka.cols, ax=axes[panels], title=f"{label} ({result.accuracy:.1%} acc)"
+                )
+                panels += 1
+    ratios = {
+        k: v
+        for r in results
+        for k, v in (r.callback.history[-1].get("norm_ratio", {}) if r.callback.history else {}).items()
+    }
+    if ratios:
+        plot_norm_ratios(
+            {f"{k}": v for k, v in ratios.items()}, title="Skip-connection norm ratio ||z|| / ||f(z)||", ax=axes[3]
+        )
+    distances = {
+        k: torch.tensor(v)
+        for r in results
+        for k, v in (r.callback.history[-1].get("attention_distance", {}) if r.callback.history else {}).items()
+    }
+    if distances:
+        plot_attention_distances(distances, title="Mean attention distance per head (pixels)", ax=axes[4])
+    for ax in axes:
+        if not ax.has_data() and not ax.images:
+            ax.set_axis_off()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -64,8 +64,12 @@ def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
     # Centre in the wider of the input and working precision, then round once.
     centre_dtype = torch.promote_types(x.dtype, work_dtype)
     flat = flat.to(centre_dtype)
-    flat = flat - flat.mean(dim=0, keepdim=True)
-    flat = flat.to(work_dtype)
+    centred = flat - flat.mean(dim=0, keepdim=True)
+    # A constant feature leaves only rounding noise after centring; zero it so a dead layer
+    # gets self-HSIC 0 (CKA undefined) instead of CKA 1 computed from noise.
+    noise = 8 * torch.finfo(centre_dtype).eps * flat.abs().amax(dim=0)
+    centred = centred.masked_fill(centred.abs().amax(dim=0) <= noise, 0)
+    flat = centred.to(work_dtype)
     return (flat @ flat.T).to(torch.promote_types(work_dtype, torch.float32))
 
 
@@ -117,8 +121,8 @@ def hsic1_pairwise(k: Tensor, l: Tensor | None = None) -> tuple[Tensor, Tensor, 
         one matrix product of the flattened, centred Grams.
     """
     n = k.shape[-1]
+    k_u = center_gram_unbiased(k.double()).flatten(1)  # checks n >= 4
     scale = 1.0 / (n * (n - 3))
-    k_u = center_gram_unbiased(k.double()).flatten(1)
     hsic_kk = (k_u * k_u).sum(dim=1) * scale
     if l is None:
         return (k_u @ k_u.T) * scale, hsic_kk, hsic_kk

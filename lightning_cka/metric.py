@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -84,6 +85,8 @@ class MinibatchCKA(Metric):
             num_layers = len(self.layer_names)
         if num_other_layers is None and self.other_layer_names is not None:
             num_other_layers = len(self.other_layer_names)
+        if num_other_layers is not None and num_layers is None:
+            raise ValueError("num_other_layers needs num_layers (or layer_names) too.")
         self._fixed_shape = (num_layers, num_other_layers)
         rows = num_layers or 0
         cols = num_other_layers if num_other_layers is not None else rows
@@ -181,6 +184,25 @@ class MinibatchCKA(Metric):
         matrix = self.compute() if val is None else val
         cols = self.other_layer_names if self._cross else self.layer_names
         return plot_cka_heatmap(matrix, rows=self.layer_names, cols=cols, ax=ax, **kwargs)
+
+    # ------------------------------------------------------ torchmetrics plumbing
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def keep_matrix_shape(*args: Any, **kwargs: Any) -> Any:
+            value = wrapped(*args, **kwargs)
+            # torchmetrics squeezes one-element results; a 1 x 1 CKA matrix stays (1, 1).
+            return value.reshape(1, 1) if isinstance(value, Tensor) and value.ndim == 0 else value
+
+        return keep_matrix_shape
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        # forward() merges the batch state into the global one; before the first update the
+        # global sums are still unallocated (shape fixed lazily), so take the batch's as is.
+        for attr in self._defaults:
+            local, incoming = getattr(self, attr), incoming_state[attr]
+            setattr(self, attr, local if incoming.numel() == 0 < local.numel() else local + incoming)
 
     # ---------------------------------------------------------------- helpers
     @staticmethod

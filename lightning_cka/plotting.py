@@ -57,8 +57,7 @@ def plot_cka_heatmap(
         ax = fig.add_subplot()
     else:
         fig = ax.get_figure()  # type: ignore[assignment]
-    colormap = matplotlib.colormaps[cmap].copy()
-    colormap.set_bad("lightgrey")
+    colormap = matplotlib.colormaps[cmap].with_extremes(bad="lightgrey")
     image = ax.imshow(
         np.ma.masked_invalid(values), vmin=0.0, vmax=1.0, cmap=colormap, interpolation="nearest", aspect="auto"
     )

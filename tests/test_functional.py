@@ -159,14 +159,7 @@ def test_small_n_raises(n):
         F.hsic1(k, k)
 
 
-_N3_BUG = pytest.mark.xfail(
-    raises=ZeroDivisionError,
-    strict=True,
-    reason="library bug: hsic1_pairwise computes 1/(n(n-3)) before checking n >= 4 (ZeroDivisionError at n=3)",
-)
-
-
-@pytest.mark.parametrize("n", [1, 2, pytest.param(3, marks=_N3_BUG)])
+@pytest.mark.parametrize("n", [1, 2, 3])
 def test_small_n_raises_pairwise_and_unbiased_cka(n):
     k = torch.eye(n, dtype=torch.float64)
     with pytest.raises(ValueError, match="4"):

@@ -222,15 +222,7 @@ def test_nonfinite_in_cross_layer_is_named(gen):
     assert ref.max_abs_err(got, ref.minibatch_cka(xs[1:], ys[1:])) < TOL32
 
 
-_CONSTANT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a constant layer whose value is not exactly its float32 mean (e.g. 0.7) leaves "
-    "~1e-14 rounding residue in the centred Gram; its self-HSIC sum is ~1e-59 > 0, so it gets a finite "
-    "row (1.0 on the diagonal) and no warning instead of NaN",
-)
-
-
-@pytest.mark.parametrize("value", [0.0, 0.5, pytest.param(0.7, marks=_CONSTANT_BUG)])
+@pytest.mark.parametrize("value", [0.0, 0.5, 0.7])
 def test_constant_layer_gives_nan_row_and_column(gen, value):
     names = ["live", "dead", "live2"]
     batches = []
@@ -408,12 +400,6 @@ def test_plot_returns_fig_and_ax_with_layer_names(gen):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["o1", "o2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="library bug: Metric.forward() on a metric without preset num_layers merges the empty "
-    "(0, 0) global state with the (L, L) batch state",
-)
 def test_forward_call_accumulates(gen):
     batches = [_layers(gen, 8) for _ in range(2)]
     metric = MinibatchCKA()
@@ -432,11 +418,6 @@ def test_forward_call_with_preset_num_layers(gen):
     assert ref.max_abs_err(metric.compute(), ref.minibatch_cka(batches)) < TOL32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: torchmetrics squeezes a one-element compute() result, so a 1 x 1 CKA matrix "
-    "comes back as a 0-d tensor instead of shape (1, 1)",
-)
 def test_single_layer_result_keeps_matrix_shape(gen):
     x = torch.randn(8, 4, generator=gen)
     metric = MinibatchCKA()
