@@ -215,22 +215,35 @@ class CKACallback(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._disarm()
-        if not self._should_run(trainer) or self._capture is None or self._self_metric is None:
+        if not self._should_run(trainer) or self._self_metric is None:
             return
-        self._self_metric.to(pl_module.device).reset()
-        if self.reference is not None and self._reference_metric is not None and self._reference_capture is not None:
-            self.reference.to(pl_module.device).eval()
-            self._reference_metric.to(pl_module.device).reset()
-            self._reference_capture.attach(self._hooks)
-        self._capture.clear()
-        self._capture.attach(self._hooks)
+        device = pl_module.device
+        self._self_metric.to(device).reset()
+        if self.reference is not None and self._reference_metric is not None:
+            self.reference.to(device).eval()
+            self._reference_metric.to(device).reset()
         for extra in (self._norm_capture, self._attention_capture):
             if extra is not None:
-                extra.metric.to(pl_module.device)
+                extra.metric.to(device)
                 extra.reset()
-                extra.attach(self._hooks)
         self._batches = self._examples = 0
         self._active = True
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Hooks are present exactly while batches that count are running."""
+        wanted = self._active and dataloader_idx == self.dataloader_idx and not self._capped()
+        if wanted and not self._hooks:
+            self._arm()
+        elif not wanted and self._hooks:
+            self._disarm(keep_active=True)
+
+    def _arm(self) -> None:
+        captures = (self._capture, self._reference_capture, self._norm_capture, self._attention_capture)
+        for capture in captures:
+            if capture is not None:
+                capture.attach(self._hooks)
 
     def on_validation_batch_end(
         self,
@@ -241,10 +254,10 @@ class CKACallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active or self._capture is None or self._self_metric is None:
+        if not self._hooks or self._capture is None or self._self_metric is None:
             return
         grams = self._capture.collect()
-        if dataloader_idx != self.dataloader_idx or self._capped() or grams is None:
+        if grams is None:
             return
         self._self_metric.update_grams(grams)
         if self.reference is not None and self._reference_metric is not None:
@@ -253,8 +266,6 @@ class CKACallback(Callback):
                 self._reference_metric.update_grams(grams, reference_grams.to(grams.device))
         self._batches += 1
         self._examples += grams.shape[-1]
-        if self._capped():
-            self._hooks.remove()  # nothing more to capture this loop
 
     def _capped(self) -> bool:
         return (self.max_batches is not None and self._batches >= self.max_batches) or (
@@ -297,9 +308,9 @@ class CKACallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._disarm()
 
-    def _disarm(self) -> None:
+    def _disarm(self, keep_active: bool = False) -> None:
         self._hooks.remove()
-        self._active = False
+        self._active = self._active and keep_active
         if self._capture is not None:
             self._capture.clear()
         if self._reference_capture is not None:
