@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from lightning_cka.attention import AttentionDistanceCapture, plot_attention_distances
 from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
 from lightning_cka.compare import CKAResult, to_model_input
-from lightning_cka.layers import LayerSpec, backbone_of, find_backbones, resolve_layers
+from lightning_cka.compiled import EagerWhileMeasuring
+from lightning_cka.layers import LayerSpec, backbone_of, find_backbones, module_map, resolve_layers
 from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, run_dir
 from lightning_cka.metric import MinibatchCKA, resolve_precision
 from lightning_cka.norm_ratio import NormRatioCapture, find_residual_units, plot_norm_ratios
@@ -137,6 +138,7 @@ class CKACallback(Callback):
         self._norm_capture: NormRatioCapture | None = None
         self._attention_capture: AttentionDistanceCapture | None = None
         self._layout_logged = False
+        self._eager: list[EagerWhileMeasuring] = []
         self._active = False
         self._batches = 0
         self._examples = 0
@@ -158,14 +160,14 @@ class CKACallback(Callback):
         self.rows = resolve_layers(pl_module, self.layers, "layers")
         if self.reduction == "cls":
             self._check_cls(pl_module, self.rows, "layers")
-        named = dict(pl_module.named_modules())
+        named = module_map(pl_module)
         self._capture = GramCapture({n: named[n] for n in self.rows}, self.reduction, self.output, self.precision)
         self._self_metric = MinibatchCKA(num_layers=len(self.rows), precision=self.precision, layer_names=self.rows)
         if self.reference is not None:
             self.cols = resolve_layers(self.reference, self.reference_layers, "reference_layers")
             if self.reduction == "cls":
                 self._check_cls(self.reference, self.cols, "reference_layers")
-            ref_named = dict(self.reference.named_modules())
+            ref_named = module_map(self.reference)
             self._reference_capture = GramCapture(
                 {n: ref_named[n] for n in self.cols}, self.reduction, self.output, self.precision
             )
@@ -178,6 +180,18 @@ class CKACallback(Callback):
             )
             self.reference.eval().requires_grad_(False)
         self._setup_signals(trainer, pl_module)
+        self._setup_compiled(pl_module)
+
+    def _setup_compiled(self, pl_module: pl.LightningModule) -> None:
+        models = [pl_module] if self.reference is None else [pl_module, self.reference]
+        self._eager = [e for e in map(EagerWhileMeasuring, models) if e]
+        names = [n for e in self._eager for n in e.names]
+        if names:
+            rank_zero_warn(
+                f"CKACallback: {', '.join(names)} is compiled. Hooks are invisible to compiled graphs, so during "
+                "the validation batches that CKACallback measures these run eagerly (training and other validation "
+                "batches stay compiled, without recompiling). Use every_n_epochs / max_batches to limit the cost."
+            )
 
     def _setup_signals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Norm ratios and attention distances, on the first CKACallback that asks for them."""
@@ -240,6 +254,8 @@ class CKACallback(Callback):
             self._disarm(keep_active=True)
 
     def _arm(self) -> None:
+        for eager in self._eager:
+            eager.enter()
         captures = (self._capture, self._reference_capture, self._norm_capture, self._attention_capture)
         for capture in captures:
             if capture is not None:
@@ -310,6 +326,8 @@ class CKACallback(Callback):
 
     def _disarm(self, keep_active: bool = False) -> None:
         self._hooks.remove()
+        for eager in self._eager:
+            eager.exit()
         self._active = self._active and keep_active
         if self._capture is not None:
             self._capture.clear()

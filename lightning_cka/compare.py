@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_cka.capture import GramCapture, HookSet, OutputSelector, extract_input
-from lightning_cka.layers import LayerSpec, resolve_layers
+from lightning_cka.compiled import EagerWhileMeasuring
+from lightning_cka.layers import LayerSpec, module_map, resolve_layers
 from lightning_cka.metric import MinibatchCKA, resolve_precision
 
 __all__ = ["CKAResult", "compare"]
@@ -140,18 +141,19 @@ def compare(
 
     Self-comparison runs ``model`` once per batch. Both models run in eval mode under
     ``torch.no_grad()``; their modes are restored and all hooks removed afterwards, also when
-    an exception is raised.
+    an exception is raised. ``torch.compile``'d models run eagerly here (hooks do not fire
+    inside compiled graphs) and are compiled again afterwards.
     """
     rows = resolve_layers(model, layers, "layers")
     cols = rows
     if other is not None:
         cols = resolve_layers(other, other_layers if other_layers is not None else layers, "other_layers")
     dtype = resolve_precision(precision)
-    named = dict(model.named_modules())
+    named = module_map(model)
     capture = GramCapture({n: named[n] for n in rows}, reduction, output, dtype)
     other_capture = None
     if other is not None:
-        other_named = dict(other.named_modules())
+        other_named = module_map(other)
         other_capture = GramCapture({n: other_named[n] for n in cols}, reduction, output, dtype)
     metric = MinibatchCKA(precision=dtype, layer_names=rows, other_layer_names=cols if other is not None else None).to(
         _device(model)
@@ -160,8 +162,12 @@ def compare(
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     models = (model,) if other is None else (model, other)
+    eager = [EagerWhileMeasuring(m) for m in models]  # hooks do not fire inside compiled graphs
     batches = 0
-    with HookSet() as hooks, eval_mode(*models), torch.no_grad():
+    with HookSet() as hooks, eval_mode(*models), torch.no_grad(), contextlib.ExitStack() as restore:
+        for e in eager:
+            e.enter()
+            restore.callback(e.exit)
         capture.attach(hooks)
         if other_capture is not None:
             other_capture.attach(hooks)

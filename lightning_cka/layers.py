@@ -1,7 +1,9 @@
 """Layer selection: explicit names, glob patterns, module types and architecture presets.
 
 Names are those of ``root.named_modules()`` (for the callback, relative to the
-LightningModule, e.g. ``"model.blocks.0.attn"``). Presets use the architectures' own
+LightningModule, e.g. ``"model.blocks.0.attn"``), with the ``_orig_mod`` level that
+``torch.compile`` wraps around a module left out, so a name does not change when the model
+is compiled (see :func:`module_map`). Presets use the architectures' own
 structure (module types and timm's ``feature_info``), not string heuristics:
 
 - ``"auto"`` / ``"blocks"``: residual block outputs: timm ``VisionTransformer.blocks[i]``,
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["PRESETS", "Backbone", "LayerSpec", "find_backbones", "resolve_layers"]
+__all__ = ["PRESETS", "Backbone", "LayerSpec", "find_backbones", "module_map", "resolve_layers"]
 
 #: What can be passed as ``layers``: a preset name, a module name or glob, a module type, or a list of those.
 LayerSpec = str | type[nn.Module] | Sequence[str | type[nn.Module]]
@@ -45,6 +47,20 @@ class Backbone:
 
     def qualify(self, child: str) -> str:
         return f"{self.name}.{child}" if self.name else child
+
+
+def module_map(root: nn.Module) -> dict[str, nn.Module]:
+    """``name -> module`` for every module under ``root`` (``""`` is the root itself).
+
+    ``torch.compile(m)`` returns a wrapper whose ``_orig_mod`` is ``m``; that level is dropped
+    from names (``"model._orig_mod.blocks.0"`` is ``"model.blocks.0"``), and the wrapper shares
+    its name with the module it wraps (the map keeps the wrapped module).
+    """
+    modules: dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        parts = [p for p in name.split(".") if p and p != "_orig_mod"]
+        modules[".".join(parts)] = module
+    return modules
 
 
 def _vit_types() -> tuple[type, ...]:
@@ -80,7 +96,7 @@ def _kind(module: nn.Module) -> str | None:
 def find_backbones(root: nn.Module) -> list[Backbone]:
     """Outermost recognised architectures under ``root`` (the root included), in module order."""
     found: list[Backbone] = []
-    for name, module in root.named_modules():
+    for name, module in module_map(root).items():
         if any(name.startswith(b.name + ".") or b.name == "" for b in found):
             continue  # nested inside a backbone already found
         kind = _kind(module)
@@ -133,7 +149,7 @@ def resolve_layers(root: nn.Module, spec: LayerSpec, what: str = "layers") -> li
         ValueError: unknown names (listing the closest existing ones), a pattern or type that
             matches nothing, or a preset on an architecture that is not recognised.
     """
-    modules = dict(root.named_modules())
+    modules = module_map(root)
     names = [n for n in modules if n]
     items: Sequence[str | type[nn.Module]] = [spec] if isinstance(spec, str | type) else list(spec)
     if not items:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_cka.capture import HookSet, select_output
-from lightning_cka.layers import find_backbones
+from lightning_cka.layers import find_backbones, module_map
 
 __all__ = [
     "NormRatio",
@@ -174,7 +174,7 @@ def _vit_units(prefix: str, vit: nn.Module) -> list[ResidualUnit]:
 def _resnet_units(prefix: str, resnet: nn.Module) -> list[ResidualUnit]:
     types = _resnet_block_types()
     units = []
-    for name, block in resnet.named_modules():
+    for name, block in module_map(resnet).items():
         last_bn = types.get(type(block))
         if last_bn is None:
             last_bn = next((bn for t, bn in types.items() if isinstance(block, t)), None)
@@ -233,7 +233,7 @@ class NormRatioCapture:
                 f"No residual unit found in {type(root).__name__}: norm ratios support timm VisionTransformer "
                 "blocks and timm/torchvision ResNet BasicBlock/Bottleneck blocks."
             )
-        modules = dict(root.named_modules())
+        modules = module_map(root)
         missing = [name for u in self.units for name in (u.z, u.f) if name not in modules]
         if missing:
             raise ValueError(f"Modules {missing} of the residual units are not in {type(root).__name__}.")

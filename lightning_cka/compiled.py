@@ -1,0 +1,79 @@
+"""Running ``torch.compile``'d modules eagerly while hooks must see them.
+
+Forward hooks registered after a module was compiled are not part of the compiled graph
+and never fire (pytorch#117758). Rather than recompiling with hooks inside (and paying for
+them in every training step), :class:`EagerWhileMeasuring` switches the compiled pieces of a
+LightningModule back to their original Python ``forward`` for the validation epochs that are
+measured, and restores the compiled callables afterwards. The compiled graphs stay cached,
+so switching back does not recompile. Three forms of compilation are recognised:
+
+- ``self.model = torch.compile(net)``: an ``OptimizedModule`` in the tree (its ``forward``);
+- ``net.compile()``: a module with ``_compiled_call_impl``;
+- ``torch.compile(lightning_module)`` handed to the Trainer: Lightning's ``_compiler_ctx``
+  (the compiled ``forward`` and ``validation_step``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["EagerWhileMeasuring"]
+
+
+def _optimized_module_type() -> type | None:
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - very old torch
+        return None
+    return OptimizedModule
+
+
+class EagerWhileMeasuring:
+    """Find the compiled pieces under ``root``; :meth:`enter` makes them eager, :meth:`exit` restores them.
+
+    Attributes:
+        names: human-readable names of the compiled pieces (empty when nothing is compiled).
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self._root = root
+        self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, compiled value)
+        self.names: list[str] = []
+        optimized = _optimized_module_type()
+        for name, module in root.named_modules():
+            if optimized is not None and isinstance(module, optimized):
+                self.names.append(f"{name or type(root).__name__} (torch.compile)")
+            elif getattr(module, "_compiled_call_impl", None) is not None:
+                self.names.append(f"{name or type(root).__name__} (.compile())")
+        if getattr(root, "_compiler_ctx", None):
+            self.names.append(f"{type(root).__name__} (compiled LightningModule)")
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def enter(self) -> None:
+        """Switch every compiled piece to eager execution (idempotent)."""
+        if self._saved:
+            return
+        optimized = _optimized_module_type()
+        for module in self._root.modules():
+            if optimized is not None and isinstance(module, optimized):
+                self._swap(module, "forward", module._orig_mod.__call__)
+            elif getattr(module, "_compiled_call_impl", None) is not None:
+                self._swap(module, "_compiled_call_impl", None)
+        ctx = getattr(self._root, "_compiler_ctx", None)
+        if ctx:
+            self._swap(self._root, "forward", ctx["original_forward"])
+            self._swap(self._root, "validation_step", ctx["original_validation_step"])
+
+    def _swap(self, obj: Any, attribute: str, eager: Any) -> None:
+        self._saved.append((obj, attribute, obj.__dict__[attribute]))
+        object.__setattr__(obj, attribute, eager)
+
+    def exit(self) -> None:
+        """Restore the compiled callables (idempotent)."""
+        while self._saved:
+            obj, attribute, compiled = self._saved.pop()
+            object.__setattr__(obj, attribute, compiled)
