@@ -25,6 +25,12 @@ from lightning_cka.plotting import plot_cka_heatmap
 __all__ = ["CKACallback"]
 
 
+def _plain(t: Tensor) -> Tensor:
+    """A CPU copy that is an ordinary tensor even when made under Lightning's inference mode."""
+    with torch.inference_mode(False):
+        return t.detach().cpu().clone()
+
+
 class CKACallback(Callback):
     """Log minibatch CKA between layers every validation epoch.
 
@@ -65,7 +71,8 @@ class CKACallback(Callback):
         reference_layers: layers of ``reference`` (same rules; names relative to it).
         every_n_epochs: run on validation epochs where ``current_epoch % every_n_epochs == 0``.
         max_batches: use at most this many batches per validation.
-        max_examples: use at most this many examples per validation (whole batches).
+        max_examples: stop after the batch that brings the examples used per validation to this many
+            (whole batches are used).
         reduction: ``"flatten"`` (the paper's default), ``"mean"`` over tokens/positions, or
             ``"cls"`` (the class token of ViTs).
         output: element of tuple/dict module outputs to use (index or key).
@@ -290,6 +297,7 @@ class CKACallback(Callback):
 
     def _run_reference(self, batch: Any) -> Tensor | None:
         assert self.reference is not None and self._reference_capture is not None
+        self._reference_capture.clear()  # in case the reference shares modules with the model
         try:
             x = extract_input(batch, self.input_key)
             with torch.no_grad():
@@ -298,6 +306,9 @@ class CKACallback(Callback):
             self._reference_capture.clear()
             rank_zero_warn(f"CKACallback: the reference model failed on a validation batch ({err!r}); batch skipped.")
             return None
+        finally:
+            if self._capture is not None:
+                self._capture.clear()  # shared modules fired the model's hooks again
         return self._reference_capture.collect()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -310,9 +321,11 @@ class CKACallback(Callback):
         if int(used) == 0:
             return  # nothing usable on any rank (e.g. every batch had < 4 examples)
         record: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        record["self"] = CKAResult(self._self_metric.compute().cpu(), self.rows, self.rows, dict(record))
+        record["self"] = CKAResult(_plain(self._self_metric.compute()), self.rows, self.rows, dict(record))
         if self._reference_metric is not None:
-            record["reference"] = CKAResult(self._reference_metric.compute().cpu(), self.rows, self.cols, dict(record))
+            record["reference"] = CKAResult(
+                _plain(self._reference_metric.compute()), self.rows, self.cols, dict(record)
+            )
         if self._norm_capture is not None:
             record["norm_ratio"] = self._norm_capture.compute()
         if self._attention_capture is not None:

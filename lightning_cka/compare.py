@@ -179,8 +179,10 @@ def compare(
             k = capture.collect()
             l = None
             if other is not None and other_capture is not None:
+                other_capture.clear()  # `other` may share modules with `model`
                 other(to_model_input(x, other))
                 l = other_capture.collect()
+                capture.clear()
                 if l is None:
                     continue
             if k is None:

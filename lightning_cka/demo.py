@@ -43,7 +43,7 @@ def build_model(kind: str, in_chans: int, num_classes: int, img_size: int) -> nn
             patch_size=4,
             in_chans=in_chans,
             num_classes=num_classes,
-            embed_dim=96,
+            embed_dim=64,
             depth=6,
             num_heads=4,
             mlp_ratio=2.0,
@@ -92,7 +92,7 @@ class DemoConfig:
     dataset: str = "digits"
     data_dir: Path = Path("./data")
     models: tuple[str, ...] = MODELS
-    epochs: dict[str, int] = field(default_factory=lambda: {"resnet": 6, "vit": 12})
+    epochs: dict[str, int] = field(default_factory=lambda: {"resnet": 6, "vit": 20})
     batch_size: int = 64
     img_size: int = 32
     accelerator: str = "auto"
@@ -126,7 +126,7 @@ def _train(
 ) -> DemoResult:
     pl.seed_everything(cfg.seed, verbose=False)
     model = build_model(name, data.in_chans, data.num_classes, data.img_size)
-    module = Classifier(model, lr=2e-3 if name == "resnet" else 1e-3)
+    module = Classifier(model, lr=2e-3)
     callback = CKACallback(
         layers="sublayers" if name == "vit" else "auto",
         reference=reference,

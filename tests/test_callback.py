@@ -450,12 +450,6 @@ def test_test_loop_is_not_hooked(tmp_path):
     assert cb.history == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: history matrices are created under Lightning's torch.inference_mode, so they are inference "
-    "tensors and any in-place use of them afterwards raises (REFERENCE.md section 6).",
-)
 def test_history_tensors_are_ordinary_tensors(tmp_path):
     module = H.LitClassifier(H.tiny_vit(depth=2))
     cb = CKACallback(reference=H.timm_resnet("resnet10t"))
@@ -466,13 +460,6 @@ def test_history_tensors_are_ordinary_tensors(tmp_path):
         matrix.fill_diagonal_(0.0)  # e.g. masking the diagonal before plotting
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: when the reference shares modules with the LightningModule, running the reference after "
-    "collect() re-fires the model's own hooks; GramCapture keeps that (previous batch's) Gram as 'first call' for "
-    "the next batch, so self rows lag one batch and the cross matrix pairs different batches.",
-)
 def test_reference_that_is_the_model_itself(tmp_path):
     module = H.LitClassifier(H.timm_resnet("resnet10t"))
     val = H.loader(H.image_dataset(32, seed=1))
