@@ -164,6 +164,7 @@ class CKACallback(Callback):
                     f"Two CKACallbacks log under the same prefix {self.log_prefix!r}; "
                     "give each its own, e.g. CKACallback(..., log_prefix='cka_mlp')."
                 )
+        self._layout_logged = False
         self.rows = resolve_layers(pl_module, self.layers, "layers")
         if self.reduction == "cls":
             self._check_cls(pl_module, self.rows, "layers")
@@ -331,7 +332,7 @@ class CKACallback(Callback):
         if self._attention_capture is not None:
             record["attention_distance"] = {k: v.tolist() for k, v in self._attention_capture.compute().items()}
         self.history.append(record)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and trainer.loggers:
             self._log(trainer, record)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

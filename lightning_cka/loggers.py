@@ -5,7 +5,8 @@ an RGB array and handed to every logger in the form it understands:
 
 - ``TensorBoardLogger``: ``add_image`` (HWC), ``add_custom_scalars`` layouts;
 - loggers with ``log_image`` (``WandbLogger``, ``NeptuneLogger``, ...): that method;
-- any other logger, or none: a PNG file under the run directory (:func:`run_dir`).
+- any other logger: a PNG file under the run directory (:func:`run_dir`);
+- no logger at all: nothing (the callback keeps its results in ``history``).
 
 Scalars go through ``logger.log_metrics``, which every Lightning logger implements.
 """
@@ -56,8 +57,6 @@ def log_figure(trainer: pl.Trainer, tag: str, fig: Figure, step: int) -> None:
         elif not wrote_file:
             _save_png(trainer, tag, image, step)
             wrote_file = True
-    if not trainer.loggers:
-        _save_png(trainer, tag, image, step)
 
 
 def _save_png(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> Path:
