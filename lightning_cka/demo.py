@@ -168,6 +168,11 @@ def run_demo(cfg: DemoConfig) -> list[DemoResult]:
     return results
 
 
+def _latest(result: DemoResult) -> dict[str, Any]:
+    """The last validation record of a run's callback (empty if it never measured)."""
+    return result.callback.history[-1] if result.callback.history else {}
+
+
 def write_summary(results: list[DemoResult], path: Path) -> Path:
     """One-page PNG: self-CKA of each model, ViT x ResNet CKA, norm ratios and attention distances
     from the last validation epoch, for people who do not open TensorBoard."""
@@ -181,27 +186,21 @@ def write_summary(results: list[DemoResult], path: Path) -> Path:
     axes = fig.subplots(2, 3).ravel()
     panels = 0
     for result in results:
-        last = result.callback.history[-1] if result.callback.history else {}
+        record = _latest(result)
         for key, label in (("self", f"{result.name} self-CKA"), ("reference", f"{result.name} x reference CKA")):
-            if key in last and panels < 3:
-                cka = last[key]
+            if key in record and panels < 3:
+                cka = record[key]
                 plot_cka_heatmap(
                     cka.matrix, cka.rows, cka.cols, ax=axes[panels], title=f"{label} ({result.accuracy:.1%} acc)"
                 )
                 panels += 1
-    ratios = {
-        k: v
-        for r in results
-        for k, v in (r.callback.history[-1].get("norm_ratio", {}) if r.callback.history else {}).items()
-    }
+
+    # Prefix series with the model's name so both models' lines are told apart.
+    ratios = {f"{r.name}.{k}": v for r in results for k, v in _latest(r).get("norm_ratio", {}).items()}
     if ratios:
-        plot_norm_ratios(
-            {f"{k}": v for k, v in ratios.items()}, title="Skip-connection norm ratio ||z|| / ||f(z)||", ax=axes[3]
-        )
+        plot_norm_ratios(ratios, title="Skip-connection norm ratio ||z|| / ||f(z)||", ax=axes[3])
     distances = {
-        k: torch.tensor(v)
-        for r in results
-        for k, v in (r.callback.history[-1].get("attention_distance", {}) if r.callback.history else {}).items()
+        f"{r.name}.{k}": torch.tensor(v) for r in results for k, v in _latest(r).get("attention_distance", {}).items()
     }
     if distances:
         plot_attention_distances(distances, title="Mean attention distance per head (pixels)", ax=axes[4])
