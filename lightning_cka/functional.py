@@ -70,6 +70,9 @@ def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
     noise = 8 * torch.finfo(centre_dtype).eps * flat.abs().amax(dim=0)
     centred = centred.masked_fill(centred.abs().amax(dim=0) <= noise, 0)
     flat = centred.to(work_dtype)
+    if work_dtype in (torch.bfloat16, torch.float16) and flat.is_cuda:
+        # Keep the float32 accumulator instead of rounding the Gram to 16 bits.
+        return torch.mm(flat, flat.T, out_dtype=torch.float32)
     return (flat @ flat.T).to(torch.promote_types(work_dtype, torch.float32))
 
 
