@@ -13,6 +13,7 @@ Shapes: ``n`` examples, ``p`` features per example, ``L``/``M`` layers.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -71,8 +72,9 @@ def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
     centred = centred.masked_fill(centred.abs().amax(dim=0) <= noise, 0)
     flat = centred.to(work_dtype)
     if work_dtype in (torch.bfloat16, torch.float16) and flat.is_cuda:
-        # Keep the float32 accumulator instead of rounding the Gram to 16 bits.
-        return torch.mm(flat, flat.T, out_dtype=torch.float32)
+        # Keep the float32 accumulator instead of rounding the Gram to 16 bits (torch >= 2.8).
+        with contextlib.suppress(TypeError, RuntimeError):
+            return torch.mm(flat, flat.T, out_dtype=torch.float32)
     return (flat @ flat.T).to(torch.promote_types(work_dtype, torch.float32))
 
 
