@@ -165,19 +165,11 @@ class CKACallback(Callback):
                     "give each its own, e.g. CKACallback(..., log_prefix='cka_mlp')."
                 )
         self._layout_logged = False
-        self.rows = resolve_layers(pl_module, self.layers, "layers")
-        if self.reduction == "cls":
-            self._check_cls(pl_module, self.rows, "layers")
-        named = module_map(pl_module)
-        self._capture = GramCapture({n: named[n] for n in self.rows}, self.reduction, self.output, self.precision)
+        self.rows, self._capture = self._capture_layers(pl_module, self.layers, "layers")
         self._self_metric = MinibatchCKA(num_layers=len(self.rows), precision=self.precision, layer_names=self.rows)
         if self.reference is not None:
-            self.cols = resolve_layers(self.reference, self.reference_layers, "reference_layers")
-            if self.reduction == "cls":
-                self._check_cls(self.reference, self.cols, "reference_layers")
-            ref_named = module_map(self.reference)
-            self._reference_capture = GramCapture(
-                {n: ref_named[n] for n in self.cols}, self.reduction, self.output, self.precision
+            self.cols, self._reference_capture = self._capture_layers(
+                self.reference, self.reference_layers, "reference_layers"
             )
             self._reference_metric = MinibatchCKA(
                 num_layers=len(self.rows),
@@ -189,6 +181,13 @@ class CKACallback(Callback):
             self.reference.eval().requires_grad_(False)
         self._setup_signals(trainer, pl_module)
         self._setup_compiled(pl_module)
+
+    def _capture_layers(self, root: nn.Module, spec: LayerSpec, what: str) -> tuple[list[str], GramCapture]:
+        names = resolve_layers(root, spec, what)
+        if self.reduction == "cls":
+            self._check_cls(root, names, what)
+        modules = module_map(root)
+        return names, GramCapture({n: modules[n] for n in names}, self.reduction, self.output, self.precision)
 
     def _setup_compiled(self, pl_module: pl.LightningModule) -> None:
         models = [pl_module] if self.reference is None else [pl_module, self.reference]
