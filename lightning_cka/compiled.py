@@ -21,6 +21,10 @@ from torch import nn
 
 __all__ = ["EagerWhileMeasuring"]
 
+# (id(obj), attribute) -> [compiled value, number of EagerWhileMeasuring holding it eager].
+# Shared so that two callbacks measuring the same compiled model restore it exactly once.
+_SWAPPED: dict[tuple[int, str], list[Any]] = {}
+
 
 def _optimized_module_type() -> type | None:
     try:
@@ -39,7 +43,7 @@ class EagerWhileMeasuring:
 
     def __init__(self, root: nn.Module) -> None:
         self._root = root
-        self._saved: list[tuple[Any, str, Any]] = []  # (object, attribute, compiled value)
+        self._saved: list[tuple[Any, str]] = []  # (object, attribute) this instance holds eager
         self.names: list[str] = []
         optimized = _optimized_module_type()
         for name, module in root.named_modules():
@@ -69,11 +73,18 @@ class EagerWhileMeasuring:
             self._swap(self._root, "validation_step", ctx["original_validation_step"])
 
     def _swap(self, obj: Any, attribute: str, eager: Any) -> None:
-        self._saved.append((obj, attribute, obj.__dict__[attribute]))
-        object.__setattr__(obj, attribute, eager)
+        entry = _SWAPPED.setdefault((id(obj), attribute), [obj.__dict__[attribute], 0])
+        if entry[1] == 0:
+            object.__setattr__(obj, attribute, eager)
+        entry[1] += 1
+        self._saved.append((obj, attribute))
 
     def exit(self) -> None:
-        """Restore the compiled callables (idempotent)."""
+        """Restore the compiled callables once no other instance holds them eager (idempotent)."""
         while self._saved:
-            obj, attribute, compiled = self._saved.pop()
-            object.__setattr__(obj, attribute, compiled)
+            obj, attribute = self._saved.pop()
+            entry = _SWAPPED[(id(obj), attribute)]
+            entry[1] -= 1
+            if entry[1] == 0:
+                object.__setattr__(obj, attribute, entry[0])
+                del _SWAPPED[(id(obj), attribute)]

@@ -255,12 +255,6 @@ def test_torch_compile(tmp_path, how, inner):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with two CKACallbacks, the second one's EagerWhileMeasuring saves the eager forward the first "
-    "one installed and restores it last (on_validation_end runs in callback order), so the compiled model stays "
-    "eager for the rest of training",
-)
 def test_two_callbacks_on_compiled_model_keep_training_compiled(tmp_path):
     torch._dynamo.reset()
     CALLS.clear()
