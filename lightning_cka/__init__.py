@@ -4,13 +4,27 @@ for vision models trained with Lightning."""
 from typing import TYPE_CHECKING, Any
 
 from lightning_cka import functional
+from lightning_cka.attention import AttentionDistance, AttentionDistanceCapture
+from lightning_cka.capture import HookSet
 from lightning_cka.compare import CKAResult, compare
 from lightning_cka.metric import MinibatchCKA
+from lightning_cka.norm_ratio import NormRatio, NormRatioCapture
 
 if TYPE_CHECKING:
     from lightning_cka.callback import CKACallback
 
-__all__ = ["CKACallback", "CKAResult", "MinibatchCKA", "compare", "functional"]
+__all__ = [
+    "AttentionDistance",
+    "AttentionDistanceCapture",
+    "CKACallback",
+    "CKAResult",
+    "HookSet",
+    "MinibatchCKA",
+    "NormRatio",
+    "NormRatioCapture",
+    "compare",
+    "functional",
+]
 __version__ = "0.1.0"
 
 
