@@ -107,7 +107,7 @@ def validate_seconds(model_name: str, kinds: list[str], images: int, batch: int,
             trainer.validate(module, loader, verbose=False)
             if device == "cuda":
                 torch.cuda.synchronize()
-            if r > 0:  # first round is a warm-up
+            if r > 0 or repeats == 0:  # the first round is a warm-up
                 times[kind].append(time.perf_counter() - start)
     return {k: min(v) for k, v in times.items()}
 
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--gpu-suite", action="store_true", help="also ViT-B/16 and ResNet-50 at 224 x 224")
+    parser.add_argument("--suite-images", type=int, default=1024, help="images per GPU-suite workload")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -146,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [("vit_tiny_32", ["none", "cka", "all", "cka_bf16"], args.images)]
     if args.gpu_suite:
         workloads += [
-            ("vit_base_patch16_224", ["none", "blocks", "reference"], 1024),
-            ("resnet50", ["none", "blocks"], 1024),
+            ("vit_base_patch16_224", ["none", "blocks", "reference"], args.suite_images),
+            ("resnet50", ["none", "blocks"], args.suite_images),
         ]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"# CKACallback validation cost on {device_name}, torch {torch.__version__}, batch {args.batch}\n")
