@@ -34,6 +34,7 @@ def build_model(kind: str, in_chans: int, num_classes: int, img_size: int) -> nn
             stem_width=32,
             in_chans=in_chans,
             num_classes=num_classes,
+            zero_init_last=False,  # timm's default zeroes each block's last BN: f(z) = 0, ratio infinite at start
         )
     if kind == "vit":
         from timm.models.vision_transformer import VisionTransformer

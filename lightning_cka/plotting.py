@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["figure_to_array", "plot_cka_heatmap", "plot_series"]
 
@@ -105,6 +106,8 @@ def plot_series(
             ax.plot(xs[: len(values)], list(values), marker="o", markersize=3, label=label)
     if logy:
         ax.set_yscale("log")
+    if all(float(v).is_integer() for v in (x if x is not None else [0])):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
