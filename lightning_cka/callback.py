@@ -349,42 +349,43 @@ class CKACallback(Callback):
 
     # ------------------------------------------------------------------- logging
     def _log(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
-        step, epoch, prefix = record["step"], record["epoch"], self.log_prefix
+        """Rank zero: every figure, scalar and matrix file of one validation."""
         scalars: dict[str, float] = {}
         for name in ("self", "reference"):
-            result: CKAResult | None = record.get(name)
-            if result is None:
-                continue
-            title = f"{'Self' if name == 'self' else 'Model x reference'} CKA, epoch {epoch} (step {step})"
-            fig, _ = plot_cka_heatmap(
-                result.matrix,
-                result.rows,
-                result.cols,
-                title=title,
-                xlabel="reference layer" if name == "reference" else "layer",
-                ylabel="layer",
-            )
-            log_figure(trainer, f"{prefix}/{name}", fig, step)
-            if self.save_matrices and trainer.loggers:
-                result.save(run_dir(trainer) / prefix / f"{name}_step{step:08d}.npz")
-            scalars.update(self._summary(name, result))
-        ratios: dict[str, float] | None = record.get("norm_ratio")
-        if ratios:
-            scalars.update({f"norm_ratio/{series}": value for series, value in ratios.items()})
-            fig, _ = plot_norm_ratios(ratios, title=f"Skip-connection norm ratio, epoch {epoch} (step {step})")
-            log_figure(trainer, "norm_ratio/curves", fig, step)
-            if not self._layout_logged:
-                log_custom_scalar_layout(trainer, {"norm_ratio": self._norm_layout(ratios)})
-                self._layout_logged = True
-        distances: dict[str, list[float]] | None = record.get("attention_distance")
-        if distances:
-            scalars.update({f"attention_distance/{layer}": sum(h) / len(h) for layer, h in distances.items()})
-            fig, _ = plot_attention_distances(
-                {k: torch.tensor(v) for k, v in distances.items()},
-                title=f"Mean attention distance per head, epoch {epoch} (step {step})",
-            )
-            log_figure(trainer, "attention_distance/heads", fig, step)
-        log_scalars(trainer, scalars, step)
+            if name in record:
+                scalars.update(self._log_cka(trainer, name, record[name], record["epoch"], record["step"]))
+        if record.get("norm_ratio"):
+            scalars.update(self._log_norm_ratios(trainer, record["norm_ratio"], record["epoch"], record["step"]))
+        if record.get("attention_distance"):
+            scalars.update(self._log_attention(trainer, record["attention_distance"], record["epoch"], record["step"]))
+        log_scalars(trainer, scalars, record["step"])
+
+    def _log_cka(self, trainer: pl.Trainer, name: str, result: CKAResult, epoch: int, step: int) -> dict[str, float]:
+        title = f"{'Self' if name == 'self' else 'Model x reference'} CKA, epoch {epoch} (step {step})"
+        xlabel = "reference layer" if name == "reference" else "layer"
+        fig, _ = plot_cka_heatmap(result.matrix, result.rows, result.cols, title=title, xlabel=xlabel, ylabel="layer")
+        log_figure(trainer, f"{self.log_prefix}/{name}", fig, step)
+        if self.save_matrices:
+            result.save(run_dir(trainer) / self.log_prefix / f"{name}_step{step:08d}.npz")
+        return self._summary(name, result)
+
+    def _log_norm_ratios(
+        self, trainer: pl.Trainer, ratios: Mapping[str, float], epoch: int, step: int
+    ) -> dict[str, float]:
+        fig, _ = plot_norm_ratios(dict(ratios), title=f"Skip-connection norm ratio, epoch {epoch} (step {step})")
+        log_figure(trainer, "norm_ratio/curves", fig, step)
+        if not self._layout_logged:
+            log_custom_scalar_layout(trainer, {"norm_ratio": self._norm_layout(ratios)})
+            self._layout_logged = True
+        return {f"norm_ratio/{series}": value for series, value in ratios.items()}
+
+    def _log_attention(
+        self, trainer: pl.Trainer, distances: Mapping[str, list[float]], epoch: int, step: int
+    ) -> dict[str, float]:
+        title = f"Mean attention distance per head, epoch {epoch} (step {step})"
+        fig, _ = plot_attention_distances({k: torch.tensor(v) for k, v in distances.items()}, title=title)
+        log_figure(trainer, "attention_distance/heads", fig, step)
+        return {f"attention_distance/{layer}": sum(h) / len(h) for layer, h in distances.items()}
 
     @staticmethod
     def _norm_layout(ratios: Mapping[str, float]) -> dict[str, list[str]]:
