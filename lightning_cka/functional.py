@@ -67,7 +67,7 @@ def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
     # 1/n is far faster on CPU than a column reduction.
     flat = x.reshape(n, -1).to(torch.promote_types(x.dtype, work_dtype))
     mean = torch.full((1, n), 1.0 / n, dtype=flat.dtype, device=flat.device) @ flat
-    flat = (flat - mean).to(work_dtype)
+    flat = torch.sub(flat, mean, out=torch.empty(flat.shape, dtype=work_dtype, device=flat.device))  # centre + round
     if work_dtype in (torch.bfloat16, torch.float16) and flat.is_cuda:
         # Keep the float32 accumulator instead of rounding the Gram to 16 bits (torch >= 2.8).
         with contextlib.suppress(TypeError, RuntimeError):

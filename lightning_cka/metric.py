@@ -127,6 +127,11 @@ class MinibatchCKA(Metric):
             k: ``(L, n, n)`` Gram matrices of the row layers (see :func:`~lightning_cka.functional.gram`).
             l: ``(M, n, n)`` Gram matrices of the column layers, or ``None`` for self-similarity.
         """
+        if k.device != self.sum_xy.device:
+            raise RuntimeError(
+                f"Gram matrices are on {k.device} but the metric is on {self.sum_xy.device}; "
+                f"move the metric first: MinibatchCKA(...).to({str(k.device)!r})."
+            )
         # What torchmetrics' update wrapper does for `update`.
         self._computed = None
         self._update_count += 1
