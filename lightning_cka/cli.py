@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", nargs="+", choices=("resnet", "vit"), default=["resnet", "vit"], help="models to train"
     )
     demo.add_argument(
-        "--epochs", type=_positive_int, default=None, help="epochs for every model (default: 6 ResNet, 12 ViT)"
+        "--epochs", type=_positive_int, default=None, help="epochs for every model (default: 8 ResNet, 30 ViT)"
     )
     demo.add_argument("--batch-size", type=_positive_int, default=64)
     demo.add_argument("--img-size", type=_positive_int, default=32, help="input resolution (a multiple of 4)")

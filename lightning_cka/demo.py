@@ -93,7 +93,7 @@ class DemoConfig:
     dataset: str = "digits"
     data_dir: Path = Path("./data")
     models: tuple[str, ...] = MODELS
-    epochs: dict[str, int] = field(default_factory=lambda: {"resnet": 6, "vit": 20})
+    epochs: dict[str, int] = field(default_factory=lambda: {"resnet": 8, "vit": 30})
     batch_size: int = 64
     img_size: int = 32
     accelerator: str = "auto"
