@@ -29,6 +29,18 @@ def resolve_precision(precision: str | torch.dtype | None) -> torch.dtype | None
     return _PRECISIONS[precision]
 
 
+def _layer_states(rows: int, cols: int, device: torch.device) -> dict[str, Tensor]:
+    """Zeroed per-layer states: float64 HSIC sums and counts of non-finite minibatches."""
+    f64, long = torch.float64, torch.long
+    return {
+        "sum_xy": torch.zeros(rows, cols, dtype=f64, device=device),
+        "sum_xx": torch.zeros(rows, dtype=f64, device=device),
+        "sum_yy": torch.zeros(cols, dtype=f64, device=device),
+        "nonfinite_x": torch.zeros(rows, dtype=long, device=device),
+        "nonfinite_y": torch.zeros(cols, dtype=long, device=device),
+    }
+
+
 class MinibatchCKA(Metric):
     """Minibatch linear CKA between layers, accumulated over minibatches and processes.
 
@@ -90,13 +102,9 @@ class MinibatchCKA(Metric):
         self._fixed_shape = (num_layers, num_other_layers)
         rows = num_layers or 0
         cols = num_other_layers if num_other_layers is not None else rows
-        f64 = torch.float64
-        self.add_state("sum_xy", torch.zeros(rows, cols, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_xx", torch.zeros(rows, dtype=f64), dist_reduce_fx="sum")
-        self.add_state("sum_yy", torch.zeros(cols, dtype=f64), dist_reduce_fx="sum")
+        for name, default in _layer_states(rows, cols, torch.device("cpu")).items():
+            self.add_state(name, default, dist_reduce_fx="sum")
         self.add_state("num_batches", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("nonfinite_x", torch.zeros(rows, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("nonfinite_y", torch.zeros(cols, dtype=torch.long), dist_reduce_fx="sum")
         #: Minibatches skipped on this process because they had fewer than 4 examples.
         self.num_skipped_small = 0
         self._cross: bool | None = (
@@ -281,12 +289,8 @@ class MinibatchCKA(Metric):
         rows, cols = self._fixed_shape
         assert rows is not None
         width = cols if cols is not None else rows
-        device, f64 = self.sum_xy.device, torch.float64
-        self.sum_xy = torch.zeros(rows, width, dtype=f64, device=device)
-        self.sum_xx = torch.zeros(rows, dtype=f64, device=device)
-        self.sum_yy = torch.zeros(width, dtype=f64, device=device)
-        self.nonfinite_x = torch.zeros(rows, dtype=torch.long, device=device)
-        self.nonfinite_y = torch.zeros(width, dtype=torch.long, device=device)
+        for name, value in _layer_states(rows, width, self.sum_xy.device).items():
+            setattr(self, name, value)
 
     def reset(self) -> None:
         """Clear the sums and counters; the layer counts stay fixed."""
