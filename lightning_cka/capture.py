@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_cka.functional import gram
+from lightning_cka.functional import gram, gram_dtype, gram_workspace
 
 __all__ = [
     "REDUCTIONS",
@@ -155,6 +155,7 @@ class GramCapture:
         self.precision = precision
         self._grams: list[Tensor | None] = [None] * len(self.names)
         self._warned: set[str] = set()
+        self._workspace: Tensor | None = None  # CPU scratch for one forward pass, see _workspace_for
 
     def attach(self, hooks: HookSet) -> None:
         for index, name in enumerate(self.names):
@@ -167,11 +168,23 @@ class GramCapture:
             try:
                 x = reduce_features(select_output(output, self.output).detach(), self.reduction)
                 with torch.no_grad():
-                    self._grams[index] = gram(x, self.precision)
+                    self._grams[index] = gram(x, self.precision, self._workspace_for(x))
             except Exception as err:  # never break the user's forward pass
                 self._warn_once(self.names[index], f"could not be captured ({err}); it is skipped for this batch.")
 
         return hook
+
+    def _workspace_for(self, x: Tensor) -> Tensor | None:
+        """One scratch buffer shared by the layers of a forward pass on CPU, where allocating
+        (and page-faulting) an activation-sized copy per layer costs more than centring it. It
+        is released by :meth:`collect`/:meth:`clear`, so nothing outlives the batch. CUDA's
+        caching allocator already recycles the copies."""
+        if x.device.type != "cpu":
+            return None
+        ws = self._workspace
+        if ws is None or ws.dtype != gram_dtype(x.dtype, self.precision) or ws.numel() < x.numel():
+            ws = self._workspace = gram_workspace(x, self.precision)
+        return ws
 
     def _warn_once(self, name: str, message: str) -> None:
         if name not in self._warned:
@@ -181,6 +194,7 @@ class GramCapture:
     def clear(self) -> None:
         """Forget whatever the hooks recorded."""
         self._grams = [None] * len(self.names)
+        self._workspace = None
 
     def collect(self) -> Tensor | None:
         """Stacked ``(L, n, n)`` Grams of the last forward pass, then clear.
@@ -189,6 +203,7 @@ class GramCapture:
         or the layers saw different numbers of examples.
         """
         grams, self._grams = self._grams, [None] * len(self.names)
+        self._workspace = None
         missing = [n for n, g in zip(self.names, grams, strict=True) if g is None]
         if missing:
             for name in missing:

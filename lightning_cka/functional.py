@@ -25,6 +25,8 @@ __all__ = [
     "center_gram_unbiased",
     "cka_from_sums",
     "gram",
+    "gram_dtype",
+    "gram_workspace",
     "grams",
     "hsic1",
     "hsic1_pairwise",
@@ -36,20 +38,24 @@ __all__ = [
 MIN_EXAMPLES = 4
 
 
-def _gram_dtype(dtype: torch.dtype, precision: torch.dtype | None) -> torch.dtype:
-    """Dtype in which a Gram matrix is formed: ``precision`` or at least float32."""
+def gram_dtype(dtype: torch.dtype, precision: torch.dtype | None = None) -> torch.dtype:
+    """Dtype in which :func:`gram` forms the product for ``dtype`` activations: ``precision``, or
+    the activation dtype promoted to at least float32."""
     if precision is not None:
         return precision
     return torch.promote_types(dtype, torch.float32)
 
 
-def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
+def gram(x: Tensor, precision: torch.dtype | None = None, workspace: Tensor | None = None) -> Tensor:
     """Linear-kernel Gram matrix of one layer's minibatch activations.
 
     Args:
         x: activations of shape ``(n, ...)``; flattened to ``(n, p)``.
         precision: dtype of the matrix product. ``None`` uses the input dtype promoted to
             at least float32 (bf16/fp16 activations are upcast).
+        workspace: optional 1-D scratch tensor of the product dtype and ``x``'s device with at
+            least ``x.numel()`` elements, reused for the centred copy of ``x`` (see
+            :func:`gram_workspace`); without it that copy is allocated for every call.
 
     Returns:
         ``(n, n)`` Gram matrix ``X_c X_cᵀ`` of the mean-centred features, in float32 or
@@ -62,19 +68,66 @@ def gram(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"Expected activations of shape (n, ...) with n > 0, got {tuple(x.shape)}.")
     n = x.shape[0]
-    work_dtype = _gram_dtype(x.dtype, precision)
-    # Centre in the wider of the input and working precision, then round once. Any shift
-    # shared by all rows is exact for HSIC_1, so the mean need not be exact: a GEMV with
-    # 1/n is far faster on CPU than a column reduction.
-    flat = x.reshape(n, -1).to(torch.promote_types(x.dtype, work_dtype))
-    mean = torch.full((1, n), 1.0 / n, dtype=flat.dtype, device=flat.device) @ flat
-    flat = torch.sub(flat, mean, out=torch.empty(flat.shape, dtype=work_dtype, device=flat.device))  # centre + round
-    if work_dtype in (torch.bfloat16, torch.float16) and flat.is_cuda:
+    work_dtype = gram_dtype(x.dtype, precision)
+    # Centre in the wider of the input and working precision, then round once.
+    flat = x.reshape(n, -1)
+    mean = _feature_mean(flat, torch.promote_types(x.dtype, work_dtype))
+    centred = _centre_into(flat, mean, _scratch(workspace, flat.shape, work_dtype, flat.device))
+    if work_dtype in (torch.bfloat16, torch.float16) and centred.is_cuda:
         # Keep the float32 accumulator instead of rounding the Gram to 16 bits (torch >= 2.8).
         with contextlib.suppress(TypeError, RuntimeError):
-            return torch.mm(flat, flat.T, out_dtype=torch.float32)
-    product = _symmetric_product(flat) if flat.device.type == "cpu" else flat @ flat.T
+            return torch.mm(centred, centred.T, out_dtype=torch.float32)
+    product = _symmetric_product(centred) if centred.device.type == "cpu" else centred @ centred.T
     return product.to(torch.promote_types(work_dtype, torch.float32))
+
+
+def gram_workspace(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
+    """A scratch tensor that :func:`gram` can reuse for activations like ``x`` (and smaller)."""
+    return torch.empty(x.numel(), dtype=gram_dtype(x.dtype, precision), device=x.device)
+
+
+def _scratch(workspace: Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    numel = shape.numel()
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if workspace.dtype != dtype or workspace.device != device or workspace.numel() < numel:
+        raise ValueError(
+            f"workspace must be a {dtype} tensor on {device} with at least {numel} elements, got a "
+            f"{workspace.dtype} tensor on {workspace.device} with {workspace.numel()}; use gram_workspace()."
+        )
+    return workspace.view(-1)[:numel].view(shape)
+
+
+#: Row chunk (bytes of float32 temporary) for centring with a dtype change on CPU.
+_CHUNK_BYTES = 1 << 21
+
+
+def _feature_mean(flat: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(1, p)`` mean over the rows of ``flat`` in ``dtype``, without upcasting a copy of ``flat``.
+
+    Any shift shared by all rows is exact for HSIC_1, so the mean only has to be close: a GEMV
+    with 1/n is far faster on CPU than a column reduction.
+    """
+    n = flat.shape[0]
+    if flat.dtype == dtype:
+        return torch.full((1, n), 1.0 / n, dtype=dtype, device=flat.device) @ flat
+    return flat.mean(dim=0, keepdim=True, dtype=dtype)
+
+
+def _centre_into(flat: Tensor, mean: Tensor, out: Tensor) -> Tensor:
+    """``out = flat - mean``, computed in the wider dtype of the two and rounded once to ``out.dtype``.
+
+    When ``out`` is narrower than that, torch computes into a temporary of the input's size; on
+    CPU that temporary is a fresh allocation (page faults) for every layer, so rows are done in
+    cache-sized chunks instead.
+    """
+    compute_dtype = torch.result_type(flat, mean)
+    if out.dtype == compute_dtype or flat.device.type != "cpu":
+        return torch.sub(flat, mean, out=out)
+    rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * compute_dtype.itemsize))
+    for start in range(0, flat.shape[0], rows):
+        torch.sub(flat[start : start + rows], mean, out=out[start : start + rows])
+    return out
 
 
 def _symmetric_product(f: Tensor, blocks: int = 4) -> Tensor:

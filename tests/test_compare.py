@@ -1,5 +1,5 @@
-"""Offline compare() on tiny timm/torchvision models, checked against activations captured by
-this test's own forward hooks (independent of lightning_cka.capture)."""
+"""Offline compare() and its GramCapture on tiny timm/torchvision models, checked against
+activations captured by this test's own forward hooks (independent of lightning_cka.capture)."""
 
 import numpy as np
 import pytest
@@ -10,6 +10,8 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from lightning_cka import CKAResult, MinibatchCKA, compare
+from lightning_cka.capture import GramCapture, HookSet
+from lightning_cka.functional import gram
 
 TOL32 = 1e-5
 TOL64 = 1e-10
@@ -353,3 +355,22 @@ def test_result_plot_labels(resnet, images):
     assert fig is ax.get_figure()
     assert [t.get_text() for t in ax.get_yticklabels()] == RESNET_BLOCKS
     assert [t.get_text() for t in ax.get_xticklabels()] == RESNET_BLOCKS
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_gram_capture_shares_one_scratch_per_forward_and_releases_it(precision):
+    # Layers growing in width make the shared CPU scratch buffer grow mid-forward.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 20), nn.ReLU(), nn.Linear(20, 50), nn.Linear(50, 8)).eval()
+    names = ["0", "2", "3"]
+    capture = GramCapture({n: model.get_submodule(n) for n in names}, precision=precision)
+    x = torch.randn(32, 5) + 4.0
+    with HookSet() as hooks, torch.no_grad():
+        capture.attach(hooks)
+        model(x)
+        assert capture._workspace is not None and capture._workspace.numel() == 32 * 50
+        grams = capture.collect()
+    assert capture._workspace is None  # nothing of the batch outlives collect()
+    acts = own_capture(model, names, [x])[0]
+    for k, act in zip(grams, acts, strict=True):
+        assert torch.equal(k, gram(act, precision))

@@ -92,6 +92,44 @@ def test_gram_dtypes(gen):
         F.gram(torch.empty(0, 3))
 
 
+@pytest.mark.parametrize("precision", [None, torch.bfloat16, torch.float64])
+def test_gram_with_workspace_is_identical_and_reuses_it(gen, precision):
+    x = torch.randn(40, 7, 9, generator=gen) + 3.0
+    ws = F.gram_workspace(x, precision)
+    assert ws.dtype == F.gram_dtype(x.dtype, precision) and ws.numel() == x.numel()
+    assert torch.equal(F.gram(x, precision, ws), F.gram(x, precision))
+    smaller = x[:20, :3]  # a smaller activation reuses the front of the same buffer
+    assert torch.equal(F.gram(smaller, precision, ws), F.gram(smaller, precision))
+
+
+def test_gram_rejects_a_workspace_that_does_not_fit(gen):
+    x = torch.randn(8, 5, generator=gen)
+    with pytest.raises(ValueError, match="gram_workspace"):
+        F.gram(x, None, torch.empty(x.numel() - 1))
+    with pytest.raises(ValueError, match="gram_workspace"):
+        F.gram(x, torch.bfloat16, torch.empty(x.numel()))  # float32 scratch for a bf16 product
+
+
+def test_gram_bf16_centring_rounds_once_in_chunks(gen, monkeypatch):
+    # On CPU, fp32 -> bf16 centring runs in row chunks; each element is still x - mean in
+    # float32 rounded once, so the chunked copy equals the one-shot one bit for bit.
+    x = torch.randn(37, 300, generator=gen) * 0.01 + 100.0
+    monkeypatch.setattr(F, "_CHUNK_BYTES", 5 * 300 * 4)  # 5 rows per chunk, last one partial
+    mean = F._feature_mean(x, torch.float32)
+    chunked = F._centre_into(x, mean, torch.empty(x.shape, dtype=torch.bfloat16))
+    assert torch.equal(chunked, (x - mean).bfloat16())
+    k = F.gram(x, torch.bfloat16)
+    k64 = F.gram(x.double())
+    assert (k.double() - k64).abs().max() < 1e-2 * k64.abs().max()  # centred before rounding
+
+
+def test_gram_of_bf16_activations_centres_without_an_upcast_copy(gen):
+    x = (torch.randn(16, 50, generator=gen) + 20.0).bfloat16()
+    k = F.gram(x)  # float32 product of bf16 inputs: mean taken in float32
+    assert k.dtype == torch.float32
+    torch.testing.assert_close(k.double(), F.gram(x.double()), rtol=0, atol=1e-4 * F.gram(x.double()).abs().max())
+
+
 def test_hsic1_pairwise_matches_reference_for_all_pairs(gen):
     n = 10
     xs = [torch.randn(n, 7, generator=gen, dtype=torch.float64) + i for i in range(3)]
