@@ -55,7 +55,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
 import lightning_cka  # noqa: E402
-from lightning_cka.functional import gram  # noqa: E402
+from lightning_cka.functional import gram, gram_workspace  # noqa: E402
 from lightning_cka.metric import MinibatchCKA  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -135,6 +135,7 @@ def wait_idle(max_wait: float, threshold: float = 0.2, window: float = 5.0) -> f
 class Timing:
     times: list[float] = field(default_factory=list)
     note: str = ""
+    minor_faults: list[int] = field(default_factory=list)  # per timed run (round_robin only)
 
     @property
     def min(self) -> float:
@@ -152,8 +153,21 @@ class Timing:
     def spread(self) -> float:
         return max(self.times) / min(self.times) if self.times else math.nan
 
+    @property
+    def faults(self) -> str:
+        """Median minor page faults per run, e.g. ``"1,012k page faults"`` (empty if not counted)."""
+        if not self.minor_faults:
+            return ""
+        return f"{sorted(self.minor_faults)[len(self.minor_faults) // 2] / 1000:,.0f}k page faults per run"
+
     def as_dict(self) -> dict[str, Any]:
-        return {"min_s": self.min, "median_s": self.median, "spread": self.spread, "times_s": self.times}
+        return {
+            "min_s": self.min,
+            "median_s": self.median,
+            "spread": self.spread,
+            "times_s": self.times,
+            "minor_page_faults": self.minor_faults,
+        }
 
 
 def round_robin(
@@ -169,7 +183,9 @@ def round_robin(
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t, outs[name] = timed(fns[name], device)
+            timings[name].minor_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
             timings[name].times.append(t)
     return timings, outs
 
@@ -296,8 +312,14 @@ def replay_cka(acts_per_batch: Sequence[Sequence[Tensor]], precision: torch.dtyp
     """The library's CKA work alone (Grams + HSIC sums + compute) on already captured activations."""
     metric = MinibatchCKA(precision=precision).to(acts_per_batch[0][0].device)
     for acts in acts_per_batch:
-        metric.update_grams(torch.stack([gram(a, precision) for a in acts]))
+        metric.update_grams(torch.stack(grams_as_captured(acts, precision)))
     return metric.compute()
+
+
+def grams_as_captured(acts: Sequence[Tensor], precision: torch.dtype | None = None) -> list[Tensor]:
+    """``gram`` of each activation as GramCapture forms them: on CPU one scratch buffer per batch."""
+    ws = gram_workspace(max(acts, key=Tensor.numel), precision) if acts[0].device.type == "cpu" else None
+    return [gram(a, precision, ws) for a in acts]
 
 
 # --------------------------------------------------------------------------------------- peers
@@ -588,9 +610,30 @@ def run_main(args: argparse.Namespace, device: torch.device, results: dict[str, 
 
     # table
     rows = [
-        ["plain forward", fmt_s(fwd.min), fmt_s(fwd.median), fmt_x(fwd.spread), "-", "1 model x 2 batches"],
-        ["lightning_cka `compare` fp32", fmt_s(c32.min), fmt_s(c32.median), fmt_x(c32.spread), fmt_e(err32), ""],
-        ["lightning_cka `compare` bf16", fmt_s(c16.min), fmt_s(c16.median), fmt_x(c16.spread), fmt_e(err16), ""],
+        [
+            "plain forward",
+            fmt_s(fwd.min),
+            fmt_s(fwd.median),
+            fmt_x(fwd.spread),
+            "-",
+            f"1 model, 2 batches; {fwd.faults}",
+        ],
+        [
+            "lightning_cka `compare` fp32",
+            fmt_s(c32.min),
+            fmt_s(c32.median),
+            fmt_x(c32.spread),
+            fmt_e(err32),
+            c32.faults,
+        ],
+        [
+            "lightning_cka `compare` bf16",
+            fmt_s(c16.min),
+            fmt_s(c16.median),
+            fmt_x(c16.spread),
+            fmt_e(err16),
+            c16.faults,
+        ],
         [
             "CKA part fp32 (compare - forward)",
             fmt_s(part32),
@@ -930,7 +973,7 @@ def scaling_point(model: nn.Module, batches: list[Tensor], reps: int, device: to
         metric = MinibatchCKA().to(device)
         for b in batches:
             acts = capture_outputs(model, layers, b, lambda t: t)
-            t, _ = timed(lambda a=acts, m=metric: m.update_grams(torch.stack([gram(x) for x in a])), device)
+            t, _ = timed(lambda a=acts, m=metric: m.update_grams(torch.stack(grams_as_captured(a))), device)
             total += t
         t, _ = timed(metric.compute, device)
         work.times.append(total + t)
