@@ -1157,6 +1157,9 @@ def header_block(info: dict[str, Any], args: argparse.Namespace, elapsed: float)
         f"`{' '.join(['python', 'benchmarks/bench_cka.py', *sys.argv[1:]])}` "
         f"({elapsed:.0f} s in all). Repeats: {args.repeats} after one warm-up, min reported.",
     ]
+    allocator_env = {k: v for k, v in os.environ.items() if k == "GLIBC_TUNABLES" or k.startswith("MALLOC_")}
+    if allocator_env:
+        parts.append("Allocator settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(allocator_env.items())) + ".")
     if load:
         end = info.get("load_avg_at_end", (math.nan,))[0]
         parts.append(
