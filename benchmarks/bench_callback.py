@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -78,8 +79,11 @@ def make_callback(kind: str) -> Any:
     raise ValueError(kind)
 
 
-def validate_seconds(model_name: str, kinds: list[str], images: int, batch: int, device: str, repeats: int) -> dict:
-    """Min wall time of trainer.validate per callback kind, interleaved so drift hits all alike."""
+def validate_seconds(
+    model_name: str, kinds: list[str], images: int, batch: int, device: str, repeats: int
+) -> dict[str, list[float]]:
+    """Wall times of trainer.validate per callback kind (one per round after a warm-up round),
+    interleaved so that drift hits all kinds alike."""
     torch.manual_seed(0)
     model = make_model(model_name)
     module = Evaluator(model)
@@ -109,7 +113,7 @@ def validate_seconds(model_name: str, kinds: list[str], images: int, batch: int,
                 torch.cuda.synchronize()
             if r > 0 or repeats == 0:  # the first round is a warm-up
                 times[kind].append(time.perf_counter() - start)
-    return {k: min(v) for k, v in times.items()}
+    return times
 
 
 def peak_memory(model_name: str, kind: str, images: int, batch: int, device: str) -> float:
@@ -152,24 +156,38 @@ def main(argv: list[str] | None = None) -> int:
         ]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"# CKACallback validation cost on {device_name}, torch {torch.__version__}, batch {args.batch}\n")
-    print("| model | callback | validate (s) | ratio vs none | peak memory (MiB) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| model | callback | validate min (s) | median (s) | ratio of minima | median same-round ratio "
+        "| peak memory (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for model_name, kinds, images in workloads:
-        seconds = validate_seconds(model_name, kinds, images, args.batch, args.device, args.repeats)
+        times = validate_seconds(model_name, kinds, images, args.batch, args.device, args.repeats)
         for kind in kinds:
             memory = None if args.no_memory else peak_memory(model_name, kind, images, args.batch, args.device)
             row = {
                 "model": model_name,
                 "callback": kind,
-                "seconds": seconds[kind],
-                "ratio": seconds[kind] / seconds["none"],
+                "seconds": min(times[kind]),
+                "median_seconds": statistics.median(times[kind]),
+                "ratio": min(times[kind]) / min(times["none"]),
+                "median_ratio": statistics.median(t / b for t, b in zip(times[kind], times["none"], strict=True)),
+                "times": times[kind],
                 "peak_mib": memory,
                 "images": images,
                 "device": device_name,
             }
             rows.append(row)
             mem = "-" if memory is None else f"{memory:.0f}"
-            cells = [f"{model_name} ({images} img)", kind, f"{row['seconds']:.3f}", f"{row['ratio']:.3f}", mem]
+            cells = [
+                f"{model_name} ({images} img)",
+                kind,
+                f"{row['seconds']:.3f}",
+                f"{row['median_seconds']:.3f}",
+                f"{row['ratio']:.3f}",
+                f"{row['median_ratio']:.3f}",
+                mem,
+            ]
             print("| " + " | ".join(cells) + " |", flush=True)
     if args.json_out:
         with open(args.json_out, "w") as fh:
