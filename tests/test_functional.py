@@ -225,3 +225,33 @@ def test_cka_from_sums_nan_for_non_positive_self_terms():
     assert out[0, 0] == pytest.approx(0.5)
     assert torch.isnan(out[1]).all() and torch.isnan(out[:, 1]).all()
     assert np.isfinite(float(out[0, 0]))
+
+
+def _float32_results(fn, min_numel: int) -> list[str]:
+    """Names of aten ops that produce a float32 tensor of ``min_numel``+ elements while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= min_numel:
+                    seen.append(str(func))
+            return out
+
+    with Record():
+        fn()
+    return seen
+
+
+def test_bf16_activations_with_bf16_grams_make_no_float32_copy(gen):
+    # Under bf16-mixed training activations arrive in bf16: a bf16 Gram must not round-trip them
+    # through float32 (only the small (n, n) result is float32).
+    x = torch.randn(12, 40, generator=gen).bfloat16()
+    ws = F.gram_workspace(x, torch.bfloat16)
+    activation_sized = _float32_results(lambda: F.gram(x, torch.bfloat16, ws), x.numel())
+    assert activation_sized == []
+    # the check itself sees float32 copies: float32 Grams of the same input make one (centring)
+    assert "aten.sub.out" in _float32_results(lambda: F.gram(x), x.numel())
