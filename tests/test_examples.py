@@ -163,3 +163,22 @@ def test_docs_build(tmp_path):
     for page in ("index", "concepts", "user-guide", "api", "benchmarks", "paper-figures"):
         target = tmp_path / "site" / ("index.html" if page == "index" else f"{page}/index.html")
         assert target.exists(), page
+
+
+def test_gpu_levers_benchmark_smoke_run_on_cpu(tmp_path):
+    """benchmarks/gpu_levers.py is meant for a lent GPU; its --small mode must run anywhere and
+    report errors that match the precision of each variant."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_levers", ROOT / "benchmarks" / "gpu_levers.py")
+    assert spec is not None and spec.loader is not None
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    out = tmp_path / "levers.json"
+    assert levers.main(["--device", "cpu", "--small", "--repeats", "1", "--json-out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(levers.VARIANTS)
+    for name in ("fp32 (library default)", "tf32", "fp32 symmetric", "tf32 symmetric"):
+        assert rows[name]["max_err"] < 1e-5  # TF32 is a no-op on CPU
+    assert 1e-6 < rows["bf16 (precision='bfloat16')"]["max_err"] < 1e-2
+    assert all(r["seconds"] > 0 for r in rows.values())
