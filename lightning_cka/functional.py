@@ -98,10 +98,6 @@ def _scratch(workspace: Tensor | None, shape: torch.Size, dtype: torch.dtype, de
     return workspace.view(-1)[:numel].view(shape)
 
 
-#: Row chunk (bytes of float32 temporary) for centring with a dtype change on CPU.
-_CHUNK_BYTES = 1 << 21
-
-
 def _feature_mean(flat: Tensor, dtype: torch.dtype) -> Tensor:
     """``(1, p)`` mean over the rows of ``flat`` in ``dtype``, without upcasting a copy of ``flat``.
 
@@ -112,6 +108,10 @@ def _feature_mean(flat: Tensor, dtype: torch.dtype) -> Tensor:
     if flat.dtype == dtype:
         return torch.full((1, n), 1.0 / n, dtype=dtype, device=flat.device) @ flat
     return flat.mean(dim=0, keepdim=True, dtype=dtype)
+
+
+#: Size of a row chunk (bytes of its float32 temporary) when centring changes the dtype on CPU.
+_CHUNK_BYTES = 1 << 21
 
 
 def _centre_into(flat: Tensor, mean: Tensor, out: Tensor) -> Tensor:
