@@ -150,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         with tf32(allow_tf32):
             seconds = best_time(lambda fn=fn: [fn(a) for a in acts], device, args.repeats)
             grams = [fn(a) for a in acts]
-        err = float("nan") if name.startswith("centring") else float((cka_of(grams) - reference).abs().max())
+        err = None if name.startswith("centring") else float((cka_of(grams) - reference).abs().max())
         rows.append({"variant": name, "seconds": seconds, "per_forward": seconds / forward_s, "max_err": err})
-        print(f"| {name} | {seconds * 1e3:.2f} | {seconds / forward_s:.3f} | {err:.1e} |", flush=True)
+        shown = "-" if err is None else f"{err:.1e}"
+        print(f"| {name} | {seconds * 1e3:.2f} | {seconds / forward_s:.3f} | {shown} |", flush=True)
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         info = {"arch": arch, "n": n, "size": size, "device": where, "torch": torch.__version__}

@@ -178,7 +178,8 @@ class GramCapture:
         """One scratch buffer shared by the layers of a forward pass on CPU, where allocating
         (and page-faulting) an activation-sized copy per layer costs more than centring it. It
         is released by :meth:`collect`/:meth:`clear`, so nothing outlives the batch. CUDA's
-        caching allocator already recycles the copies."""
+        caching allocator already recycles the copies. Like the recorded Grams, the buffer
+        assumes the hooked layers of one capture run one after another (one thread)."""
         if x.device.type != "cpu":
             return None
         ws = self._workspace

@@ -67,12 +67,8 @@ def gram(x: Tensor, precision: torch.dtype | None = None, workspace: Tensor | No
     """
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"Expected activations of shape (n, ...) with n > 0, got {tuple(x.shape)}.")
-    n = x.shape[0]
     work_dtype = gram_dtype(x.dtype, precision)
-    # Centre in the wider of the input and working precision, then round once.
-    flat = x.reshape(n, -1)
-    mean = _feature_mean(flat, torch.promote_types(x.dtype, work_dtype))
-    centred = _centre_into(flat, mean, _scratch(workspace, flat.shape, work_dtype, flat.device))
+    centred = _centred(x, _scratch(workspace, x, work_dtype))
     if work_dtype in (torch.bfloat16, torch.float16) and centred.is_cuda:
         # Keep the float32 accumulator instead of rounding the Gram to 16 bits (torch >= 2.8).
         with contextlib.suppress(TypeError, RuntimeError):
@@ -86,48 +82,66 @@ def gram_workspace(x: Tensor, precision: torch.dtype | None = None) -> Tensor:
     return torch.empty(x.numel(), dtype=gram_dtype(x.dtype, precision), device=x.device)
 
 
-def _scratch(workspace: Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-    numel = shape.numel()
+def _scratch(workspace: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """An ``(n, p)`` tensor of ``dtype`` for the centred copy of ``x``: a view of ``workspace``
+    or a new allocation."""
+    shape = torch.Size((x.shape[0], x[0].numel()))
     if workspace is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if workspace.dtype != dtype or workspace.device != device or workspace.numel() < numel:
+        return torch.empty(shape, dtype=dtype, device=x.device)
+    numel = shape.numel()
+    if workspace.dtype != dtype or workspace.device != x.device or workspace.numel() < numel:
         raise ValueError(
-            f"workspace must be a {dtype} tensor on {device} with at least {numel} elements, got a "
+            f"workspace must be a {dtype} tensor on {x.device} with at least {numel} elements, got a "
             f"{workspace.dtype} tensor on {workspace.device} with {workspace.numel()}; use gram_workspace()."
         )
+    if workspace.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("workspace shares memory with the activations it would overwrite; pass a separate tensor.")
     return workspace.view(-1)[:numel].view(shape)
 
 
-def _feature_mean(flat: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(1, p)`` mean over the rows of ``flat`` in ``dtype``, without upcasting a copy of ``flat``.
+def _centred(x: Tensor, out: Tensor) -> Tensor:
+    """``out`` = the ``(n, p)`` features of ``x`` minus their mean over the minibatch, centred in
+    the wider of ``x.dtype`` and ``out.dtype`` and rounded at most once.
 
     Any shift shared by all rows is exact for HSIC_1, so the mean only has to be close: a GEMV
-    with 1/n is far faster on CPU than a column reduction.
+    with 1/n, far faster on CPU than a column reduction. No activation-sized temporary is made:
+    an input narrower than ``out`` (bf16 activations, float32 product) or not laid out as
+    ``(n, p)`` is converted into ``out`` first and centred in place; an input wider than ``out``
+    (float32 activations, bf16 product) is centred in cache-sized pieces.
     """
-    n = flat.shape[0]
-    if flat.dtype == dtype:
-        return torch.full((1, n), 1.0 / n, dtype=dtype, device=flat.device) @ flat
-    return flat.mean(dim=0, keepdim=True, dtype=dtype)
+    n = x.shape[0]
+    ones = torch.full((1, n), 1.0 / n, dtype=torch.promote_types(x.dtype, out.dtype), device=x.device)
+    if x.dtype == out.dtype and x.is_contiguous():
+        flat = x.view(n, -1)
+        return torch.sub(flat, ones @ flat, out=out)
+    if torch.promote_types(x.dtype, out.dtype) == out.dtype:
+        out.view(x.shape).copy_(x)
+        return out.sub_(ones @ out)
+    flat = x.reshape(n, -1)
+    mean = ones @ flat
+    if not flat.is_cpu:
+        return torch.sub(flat, mean, out=out)  # CUDA's caching allocator recycles the temporary
+    for rows, cols in _pieces(n, flat.shape[1], flat.element_size()):
+        if cols is None:
+            torch.sub(flat[rows], mean, out=out[rows])
+        else:
+            torch.sub(flat[:, cols], mean[:, cols], out=out[:, cols])
+    return out
 
 
-#: Size of a row chunk (bytes of its float32 temporary) when centring changes the dtype on CPU.
+#: Size of one piece (bytes of its temporary) when centring rounds to a narrower dtype on CPU.
 _CHUNK_BYTES = 1 << 21
 
 
-def _centre_into(flat: Tensor, mean: Tensor, out: Tensor) -> Tensor:
-    """``out = flat - mean``, computed in the wider dtype of the two and rounded once to ``out.dtype``.
-
-    When ``out`` is narrower than that, torch computes into a temporary of the input's size; on
-    CPU that temporary is a fresh allocation (page faults) for every layer, so rows are done in
-    cache-sized chunks instead.
-    """
-    compute_dtype = torch.result_type(flat, mean)
-    if out.dtype == compute_dtype or flat.device.type != "cpu":
-        return torch.sub(flat, mean, out=out)
-    rows = max(1, _CHUNK_BYTES // max(1, flat.shape[1] * compute_dtype.itemsize))
-    for start in range(0, flat.shape[0], rows):
-        torch.sub(flat[start : start + rows], mean, out=out[start : start + rows])
-    return out
+def _pieces(n: int, p: int, itemsize: int) -> list[tuple[slice, None] | tuple[None, slice]]:
+    """``(rows, None)`` blocks of about ``_CHUNK_BYTES``, or ``(None, columns)`` blocks of all
+    rows when one row is larger than that."""
+    budget = max(1, _CHUNK_BYTES // itemsize)
+    if p <= budget:
+        step = max(1, budget // max(1, p))
+        return [(slice(r, r + step), None) for r in range(0, n, step)]
+    step = max(1, budget // n)
+    return [(None, slice(c, c + step)) for c in range(0, p, step)]
 
 
 def _symmetric_product(f: Tensor, blocks: int = 4) -> Tensor:

@@ -110,24 +110,59 @@ def test_gram_rejects_a_workspace_that_does_not_fit(gen):
         F.gram(x, torch.bfloat16, torch.empty(x.numel()))  # float32 scratch for a bf16 product
 
 
-def test_gram_bf16_centring_rounds_once_in_chunks(gen, monkeypatch):
-    # On CPU, fp32 -> bf16 centring runs in row chunks; each element is still x - mean in
-    # float32 rounded once, so the chunked copy equals the one-shot one bit for bit.
-    x = torch.randn(37, 300, generator=gen) * 0.01 + 100.0
-    monkeypatch.setattr(F, "_CHUNK_BYTES", 5 * 300 * 4)  # 5 rows per chunk, last one partial
-    mean = F._feature_mean(x, torch.float32)
-    chunked = F._centre_into(x, mean, torch.empty(x.shape, dtype=torch.bfloat16))
-    assert torch.equal(chunked, (x - mean).bfloat16())
+@pytest.mark.parametrize("shape, chunk_bytes", [((37, 300), 5 * 300 * 4), ((6, 1000), 6 * 70 * 4)])
+def test_gram_bf16_centring_rounds_once_in_pieces(gen, monkeypatch, shape, chunk_bytes):
+    # On CPU, fp32 -> bf16 centring runs in row blocks (or column blocks when one row is larger
+    # than a piece); each element is still x - mean in float32 rounded once, so the result equals
+    # the one-shot version bit for bit.
+    x = torch.randn(*shape, generator=gen) * 0.01 + 100.0
+    monkeypatch.setattr(F, "_CHUNK_BYTES", chunk_bytes)
+    assert len(F._pieces(*shape, 4)) > 2
+    mean = torch.full((1, shape[0]), 1.0 / shape[0]) @ x
+    pieces = F._centred(x, torch.empty(shape, dtype=torch.bfloat16))
+    assert torch.equal(pieces, (x - mean).bfloat16())
     k = F.gram(x, torch.bfloat16)
     k64 = F.gram(x.double())
     assert (k.double() - k64).abs().max() < 1e-2 * k64.abs().max()  # centred before rounding
 
 
-def test_gram_of_bf16_activations_centres_without_an_upcast_copy(gen):
-    x = (torch.randn(16, 50, generator=gen) + 20.0).bfloat16()
-    k = F.gram(x)  # float32 product of bf16 inputs: mean taken in float32
-    assert k.dtype == torch.float32
-    torch.testing.assert_close(k.double(), F.gram(x.double()), rtol=0, atol=1e-4 * F.gram(x.double()).abs().max())
+def _largest_cpu_allocation(fn) -> int:
+    """Bytes of the largest CPU allocation made by any op while ``fn`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0], default=0)
+
+
+@pytest.mark.parametrize(
+    "dtype, precision",
+    [
+        (torch.bfloat16, None),  # bf16-mixed activations, default float32 Grams
+        (torch.bfloat16, torch.bfloat16),  # bf16-mixed activations, bf16 Grams: no float32 round trip
+        (torch.float16, None),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, None),
+    ],
+)
+def test_gram_with_workspace_allocates_nothing_activation_sized(gen, monkeypatch, dtype, precision):
+    monkeypatch.setattr(F, "_CHUNK_BYTES", 32 * 1024)  # pieces of a small activation, as of a large one
+    x = (torch.randn(64, 2000, generator=gen) + 20.0).to(dtype)
+    ws = F.gram_workspace(x, precision)
+    k = F.gram(x, precision, ws)
+    assert _largest_cpu_allocation(lambda: F.gram(x, precision, ws)) < x.numel() * x.element_size() // 4
+    # ... and without the workspace the centred copy is allocated: the check can see it
+    assert _largest_cpu_allocation(lambda: F.gram(x, precision)) >= x.numel() * ws.element_size()
+    k64 = F.gram(x.double())
+    torch.testing.assert_close(k.double(), k64, rtol=0, atol=(1e-2 if precision else 1e-5) * k64.abs().max())
+
+
+def test_gram_of_non_contiguous_and_non_float_activations(gen):
+    x = torch.randn(8, 3, 5, 5, generator=gen).to(memory_format=torch.channels_last)
+    ws = F.gram_workspace(x)
+    torch.testing.assert_close(F.gram(x, None, ws), F.gram(x.contiguous()))
+    flags = torch.rand(10, 6, generator=gen) > 0.5
+    torch.testing.assert_close(F.gram(flags), F.gram(flags.float()))
+    with pytest.raises(ValueError, match="shares memory"):
+        F.gram(ws.view(x.shape), None, ws)
 
 
 def test_hsic1_pairwise_matches_reference_for_all_pairs(gen):
@@ -225,33 +260,3 @@ def test_cka_from_sums_nan_for_non_positive_self_terms():
     assert out[0, 0] == pytest.approx(0.5)
     assert torch.isnan(out[1]).all() and torch.isnan(out[:, 1]).all()
     assert np.isfinite(float(out[0, 0]))
-
-
-def _float32_results(fn, min_numel: int) -> list[str]:
-    """Names of aten ops that produce a float32 tensor of ``min_numel``+ elements while ``fn`` runs."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    seen: list[str] = []
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, tuple | list) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= min_numel:
-                    seen.append(str(func))
-            return out
-
-    with Record():
-        fn()
-    return seen
-
-
-def test_bf16_activations_with_bf16_grams_make_no_float32_copy(gen):
-    # Under bf16-mixed training activations arrive in bf16: a bf16 Gram must not round-trip them
-    # through float32 (only the small (n, n) result is float32).
-    x = torch.randn(12, 40, generator=gen).bfloat16()
-    ws = F.gram_workspace(x, torch.bfloat16)
-    activation_sized = _float32_results(lambda: F.gram(x, torch.bfloat16, ws), x.numel())
-    assert activation_sized == []
-    # the check itself sees float32 copies: float32 Grams of the same input make one (centring)
-    assert "aten.sub.out" in _float32_results(lambda: F.gram(x), x.numel())
