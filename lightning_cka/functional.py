@@ -146,14 +146,18 @@ def _pieces(n: int, p: int, itemsize: int) -> list[tuple[slice, None] | tuple[No
 
 def _symmetric_product(f: Tensor, blocks: int = 4) -> Tensor:
     """``f @ f.T`` from its lower block triangle only, mirrored: 10/16 of the multiply-adds
-    for 4 row blocks. Used on CPU, where the GEMM is compute-bound; a GPU keeps one GEMM."""
+    for 4 blocks. Used on CPU, where the GEMM is compute-bound; a GPU keeps one GEMM.
+
+    Column block ``j`` is ``f[a_j:] @ f[a_j:b_j].T`` (tall and narrow, which CPU GEMMs run faster
+    than wide row blocks), with block edges on multiples of 16 rows.
+    """
     n = f.shape[0]
     if n < 32 * blocks:
         return f @ f.T
     k = torch.empty(n, n, dtype=f.dtype, device=f.device)
-    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    edges = sorted({min(n, 16 * round(i * n / blocks / 16)) for i in range(blocks)} | {n})
     for start, stop in itertools.pairwise(edges):
-        torch.mm(f[start:stop], f[:stop].T, out=k[start:stop, :stop])
+        torch.mm(f[start:], f[start:stop].T, out=k[start:, start:stop])
     lower = k.tril()
     return lower + lower.tril(-1).T
 

@@ -126,6 +126,19 @@ def test_gram_bf16_centring_rounds_once_in_pieces(gen, monkeypatch, shape, chunk
     assert (k.double() - k64).abs().max() < 1e-2 * k64.abs().max()  # centred before rounding
 
 
+@pytest.mark.parametrize("n", [127, 128, 200, 256, 301])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_symmetric_product_equals_the_full_product(gen, n, dtype):
+    f = torch.randn(n, 50, generator=gen).to(dtype)
+    k = F._symmetric_product(f)
+    assert k.dtype == dtype and k.shape == (n, n)
+    if n >= 128:  # smaller n takes one full product
+        assert torch.equal(k, k.T)  # mirrored, so exactly symmetric
+    full = (f.double() @ f.double().T).to(dtype).double()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert (k.double() - full).abs().max() <= tol * full.abs().max()
+
+
 def _largest_cpu_allocation(fn) -> int:
     """Bytes of the largest CPU allocation made by any op while ``fn`` runs."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
