@@ -699,7 +699,9 @@ def run_main(args: argparse.Namespace, device: torch.device, results: dict[str, 
         ["target", "goal", "from minima", "verdict", "from same-round medians", "verdict (medians)"], trows
     )
     out = [table, "", targets]
-    corrected = fault_corrected({k: timings[k] for k in ("forward", "compare fp32", "compare bf16")})
+    corrected = fault_corrected(
+        {k: (timings[k].times, timings[k].minor_faults) for k in ("forward", "compare fp32", "compare bf16")}
+    )
     if corrected is not None:
         results["main"]["fault_corrected"] = corrected
         out += ["", fault_corrected_table(corrected)]
@@ -708,31 +710,33 @@ def run_main(args: argparse.Namespace, device: torch.device, results: dict[str, 
     return "\n".join(out)
 
 
-def fault_corrected(timings: dict[str, Timing]) -> dict[str, Any] | None:
+def fault_corrected(runs: dict[str, tuple[Sequence[float], Sequence[int]]]) -> dict[str, Any] | None:
     """Times at zero page faults: least squares of every run's time on its minor-fault count,
     one intercept per entry and one shared slope (seconds per fault).
 
-    On glibc, tensors above the malloc mmap threshold are returned to the OS when freed and
-    page-faulted in again when reallocated; how many of a run's allocations do that varies
-    from run to run, and it is the largest source of noise in the forward-pass timings on CPU.
+    ``runs`` maps an entry to its run times and fault counts; the first entry is the baseline
+    of the ratios. On glibc, tensors above the malloc mmap threshold are returned to the OS when
+    freed and page-faulted in again when reallocated; how many of a run's allocations do that
+    varies from run to run, and it is the largest source of noise in forward-pass timings on CPU.
     """
-    names = list(timings)
+    names = list(runs)
     rows, ys = [], []
     for i, name in enumerate(names):
-        for t, f in zip(timings[name].times, timings[name].minor_faults, strict=True):
+        times, faults = runs[name]
+        for t, f in zip(times, faults, strict=True):
             rows.append([float(j == i) for j in range(len(names))] + [f / 1e6])
             ys.append(t)
     a, y = np.array(rows), np.array(ys)
     faults = a[:, -1]
-    if len(ys) <= len(names) + 1 or np.ptp(faults) < 0.1 * max(faults.max(), 1e-9):
-        return None  # too few runs or too little variation in faults to fit a slope
+    if len(ys) <= len(names) + 1 or faults.max() < 0.01 or np.ptp(faults) < 0.1 * faults.max():
+        return None  # too few runs, or too few faults (< 10k) or too little variation to fit a slope
     coef, *_ = np.linalg.lstsq(a, y, rcond=None)
     intercepts = dict(zip(names, coef[:-1].tolist(), strict=True))
     return {
         "seconds": intercepts,
         "seconds_per_million_faults": float(coef[-1]),
         "residual_std_s": float(np.std(y - a @ coef)),
-        "ratio": {k: intercepts[k] / intercepts["forward"] for k in names if k != "forward"},
+        "ratio": {k: intercepts[k] / intercepts[names[0]] for k in names[1:]},
     }
 
 
