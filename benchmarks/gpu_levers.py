@@ -35,8 +35,11 @@ import torch
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):  # run from a checkout without installing
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from bench_cka import capture_outputs  # noqa: E402
 
 from lightning_cka import MinibatchCKA, functional  # noqa: E402
 from lightning_cka.layers import resolve_layers  # noqa: E402
@@ -93,22 +96,6 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> f
     return min(times)
 
 
-def block_outputs(model: torch.nn.Module, names: list[str], x: Tensor) -> list[Tensor]:
-    """The outputs of the named modules for one input (cloned: later in-place ops cannot change them)."""
-    modules = dict(model.named_modules())
-    outs: dict[str, Tensor] = {}
-    handles = [
-        modules[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach().clone())) for n in names
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return [outs[n] for n in names]
-
-
 def cka_of(grams: list[Tensor]) -> Tensor:
     metric = MinibatchCKA(len(grams)).to(grams[0].device)
     metric.update_grams(torch.stack([g.double() for g in grams]))
@@ -136,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(n, 3, size, size, device=device)
     with torch.no_grad():
         forward_s = best_time(lambda: model(x), device, args.repeats)
-    acts = block_outputs(model, names, x)
+    acts = capture_outputs(model, names, x, lambda t: t.clone())  # clone: later in-place ops
     widths = [a[0].numel() for a in acts]
     reference = cka_of([functional.gram(a.double()) for a in acts])
 

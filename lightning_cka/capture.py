@@ -175,9 +175,10 @@ class GramCapture:
         return hook
 
     def _workspace_for(self, x: Tensor) -> Tensor | None:
-        """One scratch buffer shared by the layers of a forward pass on CPU, where allocating
-        (and page-faulting) an activation-sized copy per layer costs more than centring it. It
-        is released by :meth:`collect`/:meth:`clear`, so nothing outlives the batch. CUDA's
+        """One scratch buffer shared by the layers of a forward pass on CPU, where a fresh
+        activation-sized copy per layer is page-faulted in again each time (glibc hands blocks
+        that large back to the OS when they are freed). It is released by
+        :meth:`collect`/:meth:`clear`, so nothing outlives the batch. CUDA's
         caching allocator already recycles the copies. Like the recorded Grams, the buffer
         assumes the hooked layers of one capture run one after another (one thread)."""
         if x.device.type != "cpu":
