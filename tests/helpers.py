@@ -33,6 +33,28 @@ def tiny_vit(depth: int = 2, embed_dim: int = 48, num_heads: int = 3, seed: int 
     )
 
 
+def timm_vit_tiny(**kwargs: object) -> nn.Module:
+    """timm ``vit_tiny_patch16_224`` (192 dims, 3 heads) at 32x32 inputs, 4x4 patches, depth 2,
+    10 classes, eval mode; ``kwargs`` override any of these."""
+    import timm
+
+    torch.manual_seed(0)
+    args = dict(img_size=IMG, patch_size=4, depth=2, num_classes=10)
+    args.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **args).eval()
+
+
+class Wrapper(nn.Module):
+    """Mimics a LightningModule holding the network as ``self.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 def timm_resnet(name: str = "resnet10t", seed: int = 0) -> nn.Module:
     import timm
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import Wrapper, timm_vit_tiny
 from torch import Tensor, nn
 
 from lightning_cka.attention import (
@@ -18,24 +19,6 @@ from lightning_cka.attention import (
     plot_attention_distances,
 )
 from lightning_cka.capture import HookSet
-
-
-class Wrapper(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-
-def _vit(**kwargs: object) -> nn.Module:
-    import timm
-
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, depth=2, num_classes=10)
-    args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
 
 
 def _brute_force(attn: Tensor, grid: tuple[int, int], patch: tuple[int, int], prefix: int) -> Tensor:
@@ -135,7 +118,7 @@ def _timm_attention(vit: nn.Module, x: Tensor) -> tuple[dict[int, Tensor], dict[
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(qk_norm=True, reg_tokens=2)], ids=["plain", "qk_norm+reg"])
 def test_attention_weights_match_timm_non_fused(kwargs: dict) -> None:
-    vit = _vit(**kwargs)
+    vit = timm_vit_tiny(**kwargs)
     assert all(blk.attn.fused_attn for blk in vit.blocks)  # the model itself keeps fused attention
     x = torch.randn(3, 3, 32, 32)
     inputs, weights = _timm_attention(vit, x)
@@ -188,7 +171,7 @@ def _capture(root: nn.Module, batches: list[Tensor], **kwargs: object) -> dict[s
 def test_capture_matches_brute_force(
     kwargs: dict, image: tuple[int, int], grid: tuple[int, int], patch: tuple[int, int]
 ) -> None:
-    vit = _vit(**kwargs)
+    vit = timm_vit_tiny(**kwargs)
     torch.manual_seed(1)
     batches = [torch.randn(3, 3, *image), torch.randn(2, 3, *image)]
     got = _capture(Wrapper(vit), batches)
@@ -199,7 +182,7 @@ def test_capture_matches_brute_force(
 
 
 def test_max_examples_and_chunking() -> None:
-    vit = _vit()
+    vit = timm_vit_tiny()
     torch.manual_seed(1)
     x = torch.randn(5, 3, 32, 32)
     got = _capture(Wrapper(vit), [x], max_examples_per_batch=2, chunk_size=1)
@@ -213,7 +196,7 @@ def test_max_examples_and_chunking() -> None:
 def test_no_vit_raises_and_failing_hook_warns_once() -> None:
     with pytest.raises(ValueError, match="VisionTransformer"):
         AttentionDistanceCapture(nn.Sequential(nn.Linear(2, 2)))
-    vit = _vit()
+    vit = timm_vit_tiny()
     capture = AttentionDistanceCapture(vit)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import Wrapper, timm_vit_tiny
 from torch import Tensor, nn
 
 from lightning_cka.attention import AttentionDistance
@@ -28,26 +29,6 @@ def _torchvision_resnet18() -> nn.Module:
     models = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     return _randomise_bn(models.resnet18(num_classes=10))
-
-
-class Wrapper(nn.Module):
-    """Mimics a LightningModule holding the network as ``self.model``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-
-def _vit(**kwargs: object) -> nn.Module:
-    import timm
-
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=4, depth=2, num_classes=10)
-    args.update(kwargs)
-    return timm.create_model("vit_tiny_patch16_224", **args).eval()
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:
@@ -161,7 +142,7 @@ def _assert_close(got: dict[str, float], expected: dict[str, float], rel: float 
     ids=["cls-layerscale", "cls+2reg", "no-cls"],
 )
 def test_vit_matches_float64_reference(kwargs: dict, prefix: int, has_cls: bool) -> None:
-    vit = _vit(**kwargs)
+    vit = timm_vit_tiny(**kwargs)
     root = Wrapper(vit)
     torch.manual_seed(2)
     batches = [torch.randn(3, 3, 32, 32), torch.randn(5, 3, 32, 32)]
@@ -173,7 +154,7 @@ def test_vit_matches_float64_reference(kwargs: dict, prefix: int, has_cls: bool)
 
 
 def test_vit_units_point_at_norm_and_layerscale() -> None:
-    units = find_residual_units(Wrapper(_vit(reg_tokens=2)))
+    units = find_residual_units(Wrapper(timm_vit_tiny(reg_tokens=2)))
     assert [(u.block, u.unit) for u in units] == [
         ("model.blocks.0", "attn"),
         ("model.blocks.0", "mlp"),
@@ -266,7 +247,7 @@ def test_zero_initialised_branch_gives_inf_not_nan() -> None:
 
 
 def test_hook_failure_warns_once_and_never_raises() -> None:
-    vit = _vit()
+    vit = timm_vit_tiny()
     root = Wrapper(vit)
     good = find_residual_units(root)[0]
     # f(z) taken from the classifier head: (n, classes) has no positions -> the hook fails.
@@ -289,7 +270,7 @@ def test_hook_failure_warns_once_and_never_raises() -> None:
 
 
 def test_reset_and_empty_root() -> None:
-    root = Wrapper(_vit())
+    root = Wrapper(timm_vit_tiny())
     capture = NormRatioCapture(root)
     with HookSet() as hooks:
         capture.attach(hooks)
