@@ -1,4 +1,4 @@
-"""Mean attention distance per head of timm ViTs (REFERENCE.md section 5).
+"""Mean attention distance per head of timm ViTs (Raghu et al. 2021; Dosovitskiy et al. 2021).
 
 For head ``h`` the distance of query patch ``i`` is ``sum_j A_ij dist(i, j)``, where ``A`` is
 the attention of patch ``i`` over the patch tokens and ``dist`` the Euclidean distance of the
@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lightning_cka.capture import HookSet
 from lightning_cka.layers import find_backbones
+from lightning_cka.running_mean import RunningMean
 
 __all__ = [
     "AttentionDistance",
@@ -139,54 +138,42 @@ def attention_weights(attn_module: nn.Module, x: Tensor) -> Tensor:
         return scores.softmax(dim=-1)
 
 
-class AttentionDistance(Metric):
-    """Streaming mean attention distance per (layer, head).
+class AttentionDistance(RunningMean):
+    """Streaming mean attention distance per (layer, head), in pixels.
 
-    States ``total`` and ``count``, both ``(L, H)`` float64 sums (``H`` = the largest head
-    count; heads a layer lacks stay NaN), all-reduced by summation under DDP. Updates are out
-    of place, so the metric may be updated under ``torch.inference_mode()``.
+    A :class:`~lightning_cka.running_mean.RunningMean` of shape ``(L, H)`` (``H`` = the largest
+    head count; heads a layer lacks stay NaN).
 
     Args:
         num_heads: heads of each of the ``L`` layers (an int for one layer).
+
+    Example:
+        >>> distance = AttentionDistance([2, 1])
+        >>> distance.update(torch.tensor([8.0, 12.0]), counts=2, layer=0)
+        >>> distance.compute()
+        tensor([[4., 6.],
+                [nan, nan]], dtype=torch.float64)
     """
 
-    is_differentiable = False
-    higher_is_better = None
-    full_state_update = False
-
-    total: Tensor
-    count: Tensor
-
     def __init__(self, num_heads: int | Sequence[int], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_heads = [num_heads] if isinstance(num_heads, int) else [int(h) for h in num_heads]
-        shape = (len(self.num_heads), max(self.num_heads, default=0))
-        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        heads = [num_heads] if isinstance(num_heads, int) else [int(h) for h in num_heads]
+        super().__init__((len(heads), max(heads, default=0)), **kwargs)
+        self.num_heads = heads
 
-    def update(self, sums: Tensor, counts: Tensor | float, layer: int | None = None) -> None:
+    def update(self, sums: Tensor, counts: Tensor | float, layer: int | None = None) -> None:  # type: ignore[override]
         """Add per-head ``sums`` and ``counts`` (as from :func:`mean_attention_distance`): shaped
-        ``(h,)`` for layer ``layer``, or ``(L, H)`` for all layers when ``layer`` is ``None``."""
-        layers, width = self.total.shape
-        if not isinstance(counts, Tensor):
-            counts = torch.full_like(sums, float(counts))
-        if layer is None:
-            if sums.shape != self.total.shape:
-                raise ValueError(f"sums must be {tuple(self.total.shape)}, got {tuple(sums.shape)}.")
-            pad: tuple[int, ...] = (0, 0)
-        else:
-            if sums.ndim != 1 or not 0 <= layer < layers or sums.shape[0] > width:
-                raise ValueError(f"sums of shape {tuple(sums.shape)} for layer {layer} do not fit {layers} x {width}.")
-            sums, counts = sums[None], counts[None]
-            pad = (0, width - sums.shape[1], layer, layers - layer - 1)
-        if sums.device != self.total.device:
-            self.to(sums.device)
-        self.total = self.total + F.pad(sums.to(torch.float64), pad)
-        self.count = self.count + F.pad(counts.to(device=sums.device, dtype=torch.float64), pad)
+        ``(h,)`` for layer ``layer``, or ``(L, H)`` for all layers when ``layer`` is ``None``.
 
-    def compute(self) -> Tensor:
-        """``(L, H)`` float64 mean distances in pixels; NaN where nothing was seen."""
-        return torch.where(self.count > 0, self.total / self.count.clamp_min(1.0), torch.nan)
+        Raises:
+            ValueError: the sums do not fit the layer (or all layers).
+        """
+        layers, width = self.total.shape
+        if layer is None:
+            super().update(sums, counts)
+            return
+        if sums.ndim != 1 or not 0 <= layer < layers or sums.shape[0] > width:
+            raise ValueError(f"sums of shape {tuple(sums.shape)} for layer {layer} do not fit {layers} x {width}.")
+        super().update(sums, counts, index=(layer, slice(0, sums.shape[0])))
 
 
 @dataclass
@@ -290,9 +277,9 @@ class AttentionDistanceCapture:
             except Exception as err:  # never break the user's forward pass
                 if layer.name not in self._warned:
                     self._warned.add(layer.name)
-                    warnings.warn(
+                    rank_zero_warn(
                         f"Attention distance of layer {layer.name!r} could not be measured ({err}); it is skipped.",
-                        UserWarning,
+                        category=UserWarning,
                         stacklevel=2,
                     )
 

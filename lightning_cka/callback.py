@@ -1,47 +1,57 @@
-"""``CKACallback``: minibatch CKA heatmaps of chosen layers, computed live during validation."""
+"""``CKACallback``: minibatch CKA heatmaps and the paper's other signals, computed live during validation."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
-from lightning_cka.attention import AttentionDistanceCapture, plot_attention_distances
+from lightning_cka.analyses import (
+    Analysis,
+    AnalysisSkipped,
+    AttentionDistanceAnalysis,
+    MeasuredBatch,
+    NormRatioAnalysis,
+    ReferenceCKA,
+    Report,
+    SelfCKA,
+    SetupContext,
+)
 from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
 from lightning_cka.compare import CKAResult, to_model_input
 from lightning_cka.compiled import EagerWhileMeasuring
-from lightning_cka.layers import LayerSpec, backbone_of, find_backbones, module_map, resolve_layers
-from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, run_dir
-from lightning_cka.metric import MinibatchCKA, resolve_precision
-from lightning_cka.norm_ratio import NormRatioCapture, find_residual_units, plot_norm_ratios
-from lightning_cka.plotting import plot_cka_heatmap
+from lightning_cka.layers import LayerSpec, backbone_of, module_map, resolve_layers
+from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, log_text, run_dir, unique_path
+from lightning_cka.metric import resolve_precision
+from lightning_cka.plotting import short_names
 
 __all__ = ["CKACallback"]
 
-
-def _plain(t: Tensor) -> Tensor:
-    """A CPU copy that is an ordinary tensor even when made under Lightning's inference mode."""
-    with torch.inference_mode(False):
-        return t.detach().cpu().clone()
+Reduction = Literal["flatten", "mean", "cls"]
+Precision = Literal["float32", "bfloat16", "float64"]
 
 
 class CKACallback(Callback):
-    """Log minibatch CKA between layers every validation epoch.
+    """Log minibatch CKA between layers, and the paper's other signals, every validation epoch.
 
-    Hooks are armed at the start of each validation loop (in ``fit`` and ``validate``) and
-    removed when it ends, on an exception and in ``teardown``; training steps do no extra
-    work. Each hook turns its layer's output into an ``(n, n)`` Gram matrix on the spot,
-    and a :class:`~lightning_cka.MinibatchCKA` metric keeps the running sums, so memory is
-    ``O(L n^2)`` whatever the number of batches. The metric's ``compute()`` is a collective
-    and runs on every rank; only global rank zero logs.
+    The callback owns one loop over pluggable analyses (:mod:`lightning_cka.analyses`). Hooks
+    are armed at the start of each measured validation batch (in ``fit`` and ``validate``)
+    and removed when it ends, on an exception and in ``teardown``; training steps do no extra
+    work. Each hook on a chosen layer turns its output into an ``(n, n)`` Gram matrix on the
+    spot and torchmetrics metrics keep running sums, so memory is ``O(L n^2)`` whatever the
+    number of batches. Metrics' ``compute()`` is a collective and runs on every rank; only
+    global rank zero logs.
 
-    Logged per validation (step = ``trainer.global_step``), with ``prefix = log_prefix``:
+    Logged per measured validation, with ``prefix = log_prefix``:
 
     - images ``{prefix}/self`` (and ``{prefix}/reference`` with a reference model): heatmaps on
       a fixed 0..1 scale, layer names on the axes, the epoch in the title;
@@ -49,16 +59,22 @@ class CKACallback(Callback):
       ``{prefix}/self/to_last/<layer>`` (each layer's CKA to the last one); with a reference,
       ``{prefix}/reference/best_match_mean`` (mean over rows of the best-matching column);
     - ``.npz`` files ``<run dir>/{prefix}/<name>_step<step>.npz`` with ``matrix``, ``rows``,
-      ``cols`` (``numpy.load(path)["matrix"]``, or :meth:`CKAResult.load`);
-    - :attr:`history`: every computed :class:`~lightning_cka.CKAResult`, also without a logger.
+      ``cols`` (``numpy.load(path)["matrix"]``, or :meth:`CKAResult.load`); a name already taken
+      (a second ``validate`` at the same step) gets a ``-v1``, ``-v2``, ... suffix;
+    - :attr:`history`: one record per measured validation, also without a logger.
 
-    On recognised architectures it also logs the paper's two other signals (one switch each):
+    On recognised architectures it also logs the paper's two other signals (one switch each;
+    only the first CKACallback of a Trainer that asks for one runs it):
 
     - skip-connection norm ratios ``norm_ratio/<block>/<unit>/<tokens>`` (e.g.
-      ``norm_ratio/model.blocks.0/attn/cls``, ``norm_ratio/model.layer2.0/residual/all``), a
-      figure ``norm_ratio/curves`` and a TensorBoard custom-scalars layout grouping them;
+      ``norm_ratio/model.blocks.0/attn/cls``), a figure ``norm_ratio/curves`` and a TensorBoard
+      custom-scalars layout grouping them;
     - mean attention distances of timm ViTs, ``attention_distance/<layer>`` (mean over heads, in
       pixels) and a per-head scatter figure ``attention_distance/heads``.
+
+    The callback never stops or changes the user's training: a failure inside its own work (a
+    reference model that fails, a file that cannot be written, a non-finite value) is warned
+    about once per cause and that analysis is skipped for that batch or validation.
 
     Args:
         layers: layers of the LightningModule: ``"auto"`` (residual blocks of a timm ViT, timm or
@@ -67,9 +83,13 @@ class CKACallback(Callback):
             (``"model.blocks.0.attn"``), glob patterns (``"model.blocks.*.mlp"``), module types,
             or a list of those.
         reference: a fixed ``nn.Module`` run on the same validation inputs (e.g. a trained ResNet
-            while training a ViT). It is never trained and not saved in checkpoints.
+            while training a ViT), in eval mode and without gradients for the measured batches
+            only (each module's mode is restored afterwards, so it may share modules with the
+            model). It is never trained by the callback and not saved in checkpoints.
         reference_layers: layers of ``reference`` (same rules; names relative to it).
-        every_n_epochs: run on validation epochs where ``current_epoch % every_n_epochs == 0``.
+        every_n_epochs: measure every ``n``-th validation of ``fit`` (the first one included;
+            ``validate`` always measures). Counting validations rather than epochs keeps this
+            in step with ``Trainer(check_val_every_n_epoch=...)``.
         max_batches: use at most this many batches per validation.
         max_examples: stop after the batch that brings the examples used per validation to this many
             (whole batches are used).
@@ -83,10 +103,26 @@ class CKACallback(Callback):
         log_prefix: tag prefix; give each CKACallback in one Trainer its own.
         save_matrices: write the ``.npz`` files.
         norm_ratio: measure skip-connection norm ratios of the LightningModule's timm ViT / ResNet
-            or torchvision ResNet blocks (only the first CKACallback of a Trainer does).
-        attention_distance: measure mean attention distances of its timm ViTs (likewise).
+            or torchvision ResNet blocks.
+        attention_distance: measure mean attention distances of its timm ViTs.
         attention_max_examples: examples per batch used for attention distances (recomputing
             attention costs about one extra attention pass per layer); ``None`` for all.
+        analyses: further :class:`~lightning_cka.analyses.Analysis` instances to run in the same
+            loop (each fills ``history`` records under its ``key``).
+        strict: raise the callback's own failures instead of warning and skipping (for tests and
+            debugging).
+
+    Raises:
+        ValueError: an option out of range (at construction), or layers that do not resolve, two
+            callbacks with one ``log_prefix``, ``reduction="cls"`` on layers without a class token
+            (at setup, before any step).
+        TypeError: ``reference`` that is not an ``nn.Module``, or an ``analyses`` entry that is
+            not an :class:`~lightning_cka.analyses.Analysis`.
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> callback = CKACallback(layers="sublayers", every_n_epochs=2, max_examples=1024)
+        >>> trainer = Trainer(callbacks=[callback], logger=False, enable_progress_bar=False)
     """
 
     def __init__(
@@ -97,26 +133,35 @@ class CKACallback(Callback):
         every_n_epochs: int = 1,
         max_batches: int | None = None,
         max_examples: int | None = None,
-        reduction: str = "flatten",
+        reduction: Reduction = "flatten",
         output: OutputSelector = 0,
         input_key: str | int = 0,
-        precision: str | torch.dtype = "float32",
+        precision: Precision | torch.dtype = "float32",
         dataloader_idx: int = 0,
         log_prefix: str = "cka",
         save_matrices: bool = True,
         norm_ratio: bool = True,
         attention_distance: bool = True,
         attention_max_examples: int | None = 32,
+        analyses: Sequence[Analysis] = (),
+        strict: bool = False,
     ) -> None:
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        for name, value in (("every_n_epochs", every_n_epochs), ("dataloader_idx", dataloader_idx + 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                shown = value if name != "dataloader_idx" else dataloader_idx
+                raise ValueError(f"{name} must be {'>= 1' if name == 'every_n_epochs' else '>= 0'}, got {shown!r}.")
         for name, cap in (("max_batches", max_batches), ("max_examples", max_examples)):
-            if cap is not None and cap < 1:
-                raise ValueError(f"{name} must be a positive int or None, got {cap}.")
+            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {cap!r}.")
         if reference is not None and not isinstance(reference, nn.Module):
             raise TypeError(f"reference must be an nn.Module, got {type(reference).__name__}.")
+        if not isinstance(log_prefix, str) or not log_prefix.strip("/"):
+            raise ValueError(f"log_prefix must be a non-empty string, got {log_prefix!r}.")
+        for extra in analyses:
+            if not isinstance(extra, Analysis):
+                raise TypeError(f"analyses entries must be Analysis instances, got {type(extra).__name__}.")
         self.layers = layers
         self.reference = reference
         self.reference_layers = reference_layers
@@ -133,54 +178,88 @@ class CKACallback(Callback):
         self.norm_ratio = norm_ratio
         self.attention_distance = attention_distance
         self.attention_max_examples = attention_max_examples
-        #: Every computed result, oldest first: ``{"epoch", "step", "self", "reference"?}``.
+        self.strict = strict
+        #: Every measured validation, oldest first: ``{"epoch", "step", "self", "reference"?, ...}``,
+        #: one entry per analysis key.
         self.history: list[dict[str, Any]] = []
         self.rows: list[str] = []
         self.cols: list[str] = []
+        # Every analysis this callback may run, in logging order; `_active_analyses` are those set up.
+        self._analyses: list[Analysis] = [SelfCKA(self.log_prefix), ReferenceCKA(self.log_prefix)]
+        if norm_ratio:
+            self._analyses.append(NormRatioAnalysis())
+        if attention_distance:
+            self._analyses.append(AttentionDistanceAnalysis(attention_max_examples))
+        self._analyses.extend(analyses)
+        keys = [a.key for a in self._analyses]
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"Two analyses fill the same history key(s) {duplicated}; give each its own key.")
+        self._active_analyses: list[Analysis] = []
         self._hooks = HookSet()
         self._capture: GramCapture | None = None
         self._reference_capture: GramCapture | None = None
-        self._self_metric: MinibatchCKA | None = None
-        self._reference_metric: MinibatchCKA | None = None
-        self._norm_capture: NormRatioCapture | None = None
-        self._attention_capture: AttentionDistanceCapture | None = None
-        self._layout_logged = False
         self._eager: list[EagerWhileMeasuring] = []
-        self._active = False
+        self._measuring = False
         self._batches = 0
         self._examples = 0
+        self._validations = 0  # non-sanity validations of `fit` seen, for every_n_epochs
+        self._warned: set[tuple[str, str]] = set()
+        self._pending_state: dict[str, Any] | None = None
+        self._stage = "fit"
 
     # ----------------------------------------------------------------- identity
     @property
+    @override
     def state_key(self) -> str:
-        return self._generate_state_key(layers=repr(self.layers), log_prefix=self.log_prefix)
+        # The prefix is unique per Trainer (checked in setup); layers are compared on load.
+        return self._generate_state_key(log_prefix=self.log_prefix)
 
     # -------------------------------------------------------------- setup/teardown
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve layers and build metrics; every configuration error surfaces here, before any step."""
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is not self and isinstance(other, CKACallback) and other.log_prefix == self.log_prefix:
+        """Resolve layers and set up analyses; every configuration error surfaces here, before any step."""
+        siblings = [cb for cb in trainer.callbacks if isinstance(cb, CKACallback)]  # type: ignore[attr-defined]
+        for other in siblings:
+            if other is not self and other.log_prefix == self.log_prefix:
                 raise ValueError(
                     f"Two CKACallbacks log under the same prefix {self.log_prefix!r}; "
                     "give each its own, e.g. CKACallback(..., log_prefix='cka_mlp')."
                 )
-        self._layout_logged = False
+        self._stage = stage
         self.rows, self._capture = self._capture_layers(pl_module, self.layers, "layers")
-        self._self_metric = MinibatchCKA(num_layers=len(self.rows), precision=self.precision, layer_names=self.rows)
+        self.cols = []
         if self.reference is not None:
             self.cols, self._reference_capture = self._capture_layers(
                 self.reference, self.reference_layers, "reference_layers"
             )
-            self._reference_metric = MinibatchCKA(
-                num_layers=len(self.rows),
-                num_other_layers=len(self.cols),
-                precision=self.precision,
-                layer_names=self.rows,
-                other_layer_names=self.cols,
-            )
-            self.reference.eval().requires_grad_(False)
-        self._setup_signals(trainer, pl_module)
+        context = SetupContext(
+            module=pl_module,
+            layers=list(self.rows),
+            reference=self.reference,
+            reference_layers=list(self.cols),
+            reduction=self.reduction,
+            precision=self.precision,
+            short_names=short_names(self.rows),
+            reference_short_names=short_names(self.cols),
+            sum_over_ranks=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+        )
+        self._active_analyses = []
+        for analysis in self._analyses:
+            if analysis.model_wide and self._claimed_elsewhere(siblings, analysis.key):
+                continue
+            if analysis.setup(context):
+                self._active_analyses.append(analysis)
         self._setup_compiled(pl_module)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+
+    def _claimed_elsewhere(self, siblings: list[CKACallback], key: str) -> bool:
+        """Model-wide signals run on the first CKACallback of the Trainer that asks for them."""
+        for callback in siblings:
+            if any(a.key == key for a in callback._analyses):
+                return callback is not self
+        return False
 
     def _capture_layers(self, root: nn.Module, spec: LayerSpec, what: str) -> tuple[list[str], GramCapture]:
         names = resolve_layers(root, spec, what)
@@ -188,6 +267,16 @@ class CKACallback(Callback):
             self._check_cls(root, names, what)
         modules = module_map(root)
         return names, GramCapture({n: modules[n] for n in names}, self.reduction, self.output, self.precision)
+
+    @staticmethod
+    def _check_cls(root: nn.Module, names: list[str], what: str) -> None:
+        for name in names:
+            backbone = backbone_of(root, name)
+            if backbone is None or backbone.kind != "vit" or getattr(backbone.module, "cls_token", None) is None:
+                raise ValueError(
+                    f"reduction='cls' needs ViT layers with a class token, but {what} entry {name!r} is not in one; "
+                    "use reduction='mean' or 'flatten'."
+                )
 
     def _setup_compiled(self, pl_module: pl.LightningModule) -> None:
         models = [pl_module] if self.reference is None else [pl_module, self.reference]
@@ -200,74 +289,54 @@ class CKACallback(Callback):
                 "batches stay compiled, without recompiling). Use every_n_epochs / max_batches to limit the cost."
             )
 
-    def _setup_signals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Norm ratios and attention distances, on the first CKACallback that asks for them."""
-        siblings = [cb for cb in trainer.callbacks if isinstance(cb, CKACallback)]  # type: ignore[attr-defined]
-        self._norm_capture = self._attention_capture = None
-        if self.norm_ratio and next(cb for cb in siblings if cb.norm_ratio) is self:
-            units = find_residual_units(pl_module)
-            if units:
-                self._norm_capture = NormRatioCapture(pl_module, units)
-        wants_attention = self.attention_distance and next(cb for cb in siblings if cb.attention_distance) is self
-        if wants_attention and any(b.kind == "vit" for b in find_backbones(pl_module)):
-            self._attention_capture = AttentionDistanceCapture(pl_module, self.attention_max_examples)
-
-    @staticmethod
-    def _check_cls(root: nn.Module, names: list[str], what: str) -> None:
-        for name in names:
-            backbone = backbone_of(root, name)
-            if backbone is None or backbone.kind != "vit" or getattr(backbone.module, "cls_token", None) is None:
-                raise ValueError(
-                    f"reduction='cls' needs ViT layers with a class token, but {what} entry {name!r} is not in one; "
-                    "use reduction='mean' or 'flatten'."
-                )
-
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._disarm()
+        self._stop_measuring()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._disarm()
+        self._stop_measuring()
 
     # ------------------------------------------------------------ validation loop
-    def _should_run(self, trainer: pl.Trainer) -> bool:
+    def _should_measure(self, trainer: pl.Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        return trainer.state.fn != "fit" or trainer.current_epoch % self.every_n_epochs == 0
+        if trainer.state.fn != "fit":
+            return True
+        self._validations += 1
+        return (self._validations - 1) % self.every_n_epochs == 0
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._disarm()
-        if not self._should_run(trainer) or self._self_metric is None:
+        self._stop_measuring()
+        if not self._active_analyses or not self._should_measure(trainer):
             return
         device = pl_module.device
-        self._self_metric.to(device).reset()
-        if self.reference is not None and self._reference_metric is not None:
-            self.reference.to(device).eval()
-            self._reference_metric.to(device).reset()
-        for extra in (self._norm_capture, self._attention_capture):
-            if extra is not None:
-                extra.metric.to(device)
-                extra.reset()
+        if self.reference is not None:
+            self.reference.to(device)
+        for analysis in self._active_analyses:
+            self._guard(analysis, "reset", analysis.reset, device)
         self._batches = self._examples = 0
-        self._active = True
+        self._measuring = True
 
+    @override
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Hooks are present exactly while batches that count are running."""
-        wanted = self._active and dataloader_idx == self.dataloader_idx and not self._capped()
-        if wanted and not self._hooks:
+        self._hooks.remove()
+        if self._measuring and dataloader_idx == self.dataloader_idx and not self._capped():
             self._arm()
-        elif not wanted and self._hooks:
-            self._disarm(keep_active=True)
 
     def _arm(self) -> None:
         for eager in self._eager:
             eager.enter()
-        captures = (self._capture, self._reference_capture, self._norm_capture, self._attention_capture)
-        for capture in captures:
-            if capture is not None:
-                capture.attach(self._hooks)
+        assert self._capture is not None
+        self._capture.attach(self._hooks)
+        for analysis in self._active_analyses:
+            self._guard(analysis, "attach", analysis.attach, self._hooks)
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -277,18 +346,16 @@ class CKACallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._hooks or self._capture is None or self._self_metric is None:
+        if not self._hooks or self._capture is None:
             return
-        grams = self._capture.collect()
-        if grams is None:
-            return
-        self._self_metric.update_grams(grams)
-        if self.reference is not None and self._reference_metric is not None:
-            reference_grams = self._run_reference(batch)
-            if reference_grams is not None:
-                self._reference_metric.update_grams(grams, reference_grams.to(grams.device))
-        self._batches += 1
-        self._examples += grams.shape[-1]
+        self._hooks.remove()  # the reference run below must not fire the model's hooks
+        measured = MeasuredBatch(batch, self._capture.collect(), lambda: self._run_reference(batch))
+        for analysis in self._active_analyses:
+            self._guard(analysis, "update", analysis.update, measured)
+            analysis.clear()
+        if measured.grams is not None:
+            self._batches += 1
+            self._examples += measured.num_examples
 
     def _capped(self) -> bool:
         return (self.max_batches is not None and self._batches >= self.max_batches) or (
@@ -296,117 +363,116 @@ class CKACallback(Callback):
         )
 
     def _run_reference(self, batch: Any) -> Tensor | None:
+        """Run the reference on the batch's input in eval mode without gradients, restoring every
+        module's mode afterwards; its layers' Grams, or ``None`` when it produced none."""
         assert self.reference is not None and self._reference_capture is not None
-        self._reference_capture.clear()  # in case the reference shares modules with the model
-        try:
-            x = extract_input(batch, self.input_key)
-            with torch.no_grad():
+        self._reference_capture.clear()
+        x = extract_input(batch, self.input_key)
+        with HookSet() as hooks, _eval_mode(self.reference), torch.no_grad():
+            self._reference_capture.attach(hooks)
+            try:
                 self.reference(to_model_input(x, self.reference))
-        except Exception as err:  # a bad reference must not stop the user's run
-            self._reference_capture.clear()
-            rank_zero_warn(f"CKACallback: the reference model failed on a validation batch ({err!r}); batch skipped.")
-            return None
-        finally:
-            if self._capture is not None:
-                self._capture.clear()  # shared modules fired the model's hooks again
+            except Exception:
+                self._reference_capture.clear()
+                raise
         return self._reference_capture.collect()
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active or self._self_metric is None:
+        if not self._measuring:
             return
-        self._hooks.remove()
-        self._active = False
-        # compute() is a collective under DDP: every rank calls it, whatever it saw itself.
-        used = trainer.strategy.reduce(self._self_metric.num_batches.clone(), reduce_op="sum")
-        if int(used) == 0:
-            return  # nothing usable on any rank (e.g. every batch had < 4 examples)
+        self._stop_measuring()
         record: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        record["self"] = CKAResult(_plain(self._self_metric.compute()), self.rows, self.rows, dict(record))
-        if self._reference_metric is not None:
-            record["reference"] = CKAResult(
-                _plain(self._reference_metric.compute()), self.rows, self.cols, dict(record)
-            )
-        if self._norm_capture is not None:
-            record["norm_ratio"] = self._norm_capture.compute()
-        if self._attention_capture is not None:
-            record["attention_distance"] = {k: v.tolist() for k, v in self._attention_capture.compute().items()}
+        # compute() is a collective under DDP: every rank calls it, whatever it saw itself.
+        for analysis in self._active_analyses:
+            value = self._guard(analysis, "compute", analysis.compute)
+            if value is not None:
+                if isinstance(value, CKAResult):
+                    value.meta.update(epoch=record["epoch"], step=record["step"])
+                record[analysis.key] = value
+        if len(record) == 2:
+            return  # nothing usable on any rank (e.g. every batch had < 4 examples)
         self.history.append(record)
         if trainer.is_global_zero and trainer.loggers:
             self._log(trainer, record)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._disarm()
+        self._stop_measuring()
 
-    def _disarm(self, keep_active: bool = False) -> None:
+    def _stop_measuring(self) -> None:
         self._hooks.remove()
         for eager in self._eager:
             eager.exit()
-        self._active = self._active and keep_active
-        if self._capture is not None:
-            self._capture.clear()
-        if self._reference_capture is not None:
-            self._reference_capture.clear()
+        self._measuring = False
+        for capture in (self._capture, self._reference_capture):
+            if capture is not None:
+                capture.clear()
+        for analysis in self._active_analyses:
+            analysis.clear()
+
+    # ------------------------------------------------------------ failure policy
+    def _guard(self, analysis: Analysis, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one piece of an analysis; warn (once per cause) and return ``None`` when it fails."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            if self.strict:
+                raise
+            self._warn_once(f"the {analysis.key!r} analysis", stage, err)
+            return None
+
+    def _warn_once(self, what: str, stage: str, err: Exception) -> None:
+        cause = f"{type(err).__name__}: {err}"
+        if (what, cause) in self._warned:
+            return
+        self._warned.add((what, cause))
+        skipped = "this batch" if stage in ("update", "attach") else "this validation"
+        advice = "" if isinstance(err, AnalysisSkipped) else " Pass CKACallback(strict=True) to get the traceback."
+        rank_zero_warn(
+            f"CKACallback ({self.log_prefix}): {what} failed in {stage} ({cause}); it is skipped for {skipped} and "
+            f"training goes on. Further failures of this kind are not reported.{advice}"
+        )
 
     # ------------------------------------------------------------------- logging
     def _log(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
-        """Rank zero: every figure, scalar and matrix file of one validation."""
+        """Rank zero: every figure, scalar, caption and matrix file of one validation."""
+        step = _logging_step(trainer)
         scalars: dict[str, float] = {}
-        for name in ("self", "reference"):
-            if name in record:
-                scalars.update(self._log_cka(trainer, name, record[name], record["epoch"], record["step"]))
-        if record.get("norm_ratio"):
-            scalars.update(self._log_norm_ratios(trainer, record["norm_ratio"], record["epoch"], record["step"]))
-        if record.get("attention_distance"):
-            scalars.update(self._log_attention(trainer, record["attention_distance"], record["epoch"], record["step"]))
-        log_scalars(trainer, scalars, record["step"])
+        for analysis in self._active_analyses:
+            if analysis.key not in record:
+                continue
+            report = self._guard(analysis, "report", analysis.report, record[analysis.key], record["epoch"], step)
+            if report is None:
+                continue
+            scalars.update(report.scalars)
+            self._write(trainer, analysis, report, record["step"], step)
+        self._guard_sink("scalars", log_scalars, trainer, scalars, step)
 
-    def _log_cka(self, trainer: pl.Trainer, name: str, result: CKAResult, epoch: int, step: int) -> dict[str, float]:
-        title = f"{'Self' if name == 'self' else 'Model x reference'} CKA, epoch {epoch} (step {step})"
-        xlabel = "reference layer" if name == "reference" else "layer"
-        fig, _ = plot_cka_heatmap(result.matrix, result.rows, result.cols, title=title, xlabel=xlabel, ylabel="layer")
-        log_figure(trainer, f"{self.log_prefix}/{name}", fig, step)
+    def _write(self, trainer: pl.Trainer, analysis: Analysis, report: Report, record_step: int, step: int) -> None:
+        for tag, fig in report.figures.items():
+            self._guard_sink(f"figure {tag}", log_figure, trainer, tag, fig, step)
+        for tag, caption in report.captions.items():
+            self._guard_sink(f"caption {tag}", log_text, trainer, tag, caption, step)
+        if report.layouts:
+            self._guard_sink("custom scalars layout", log_custom_scalar_layout, trainer, report.layouts)
         if self.save_matrices:
-            result.save(run_dir(trainer) / self.log_prefix / f"{name}_step{step:08d}.npz")
-        return self._summary(name, result)
+            for stem, result in report.matrices.items():
+                self._guard_sink(f"file {stem}", self._save_matrix, trainer, stem, result, record_step)
 
-    def _log_norm_ratios(
-        self, trainer: pl.Trainer, ratios: Mapping[str, float], epoch: int, step: int
-    ) -> dict[str, float]:
-        fig, _ = plot_norm_ratios(dict(ratios), title=f"Skip-connection norm ratio, epoch {epoch} (step {step})")
-        log_figure(trainer, "norm_ratio/curves", fig, step)
-        if not self._layout_logged:
-            log_custom_scalar_layout(trainer, {"norm_ratio": self._norm_layout(ratios)})
-            self._layout_logged = True
-        return {f"norm_ratio/{series}": value for series, value in ratios.items()}
+    def _save_matrix(self, trainer: pl.Trainer, stem: str, result: CKAResult, step: int) -> Path:
+        return result.save(unique_path(run_dir(trainer) / self.log_prefix / f"{stem}_step{step:08d}.npz"))
 
-    def _log_attention(
-        self, trainer: pl.Trainer, distances: Mapping[str, list[float]], epoch: int, step: int
-    ) -> dict[str, float]:
-        title = f"Mean attention distance per head, epoch {epoch} (step {step})"
-        fig, _ = plot_attention_distances({k: torch.tensor(v) for k, v in distances.items()}, title=title)
-        log_figure(trainer, "attention_distance/heads", fig, step)
-        return {f"attention_distance/{layer}": sum(h) / len(h) for layer, h in distances.items()}
-
-    @staticmethod
-    def _norm_layout(ratios: Mapping[str, float]) -> dict[str, list[str]]:
-        """One chart per (unit, token group), each holding that series of every block."""
-        charts: dict[str, list[str]] = {}
-        for series in ratios:
-            _, unit, group = series.rsplit("/", 2)
-            charts.setdefault(f"{unit}/{group}", [f"norm_ratio/.*/{unit}/{group}$"])
-        return charts
-
-    def _summary(self, name: str, result: CKAResult) -> dict[str, float]:
-        m = result.matrix
-        prefix = f"{self.log_prefix}/{name}"
-        if name == "self":
-            out = {f"{prefix}/to_last/{row}": float(m[i, -1]) for i, row in enumerate(result.rows)}
-            if m.shape[0] > 1:
-                out[f"{prefix}/adjacent_mean"] = float(torch.diagonal(m, offset=1).nanmean())
-            return out
-        return {f"{prefix}/best_match_mean": float(torch.nan_to_num(m, nan=-1.0).amax(dim=1).mean())}
+    def _guard_sink(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as err:
+            if self.strict:
+                raise
+            self._warn_once(f"writing the {what}", "logging", err)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         history = []
         for record in self.history:
@@ -417,9 +483,30 @@ class CKACallback(Callback):
                 if isinstance(v, CKAResult)
             }
             history.append(entry)
-        return {"history": history}
+        return {
+            "history": history,
+            "layers": list(self.rows),
+            "validations": self._validations,
+            "analyses": {a.key: a.state_dict() for a in self._active_analyses},
+        }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after `setup`; when called earlier, wait for the layers.
+        if self.rows:
+            self._restore(state_dict)
+        else:
+            self._pending_state = state_dict
+
+    def _restore(self, state_dict: Mapping[str, Any]) -> None:
+        self._pending_state = None
+        saved_layers = state_dict.get("layers")
+        if saved_layers is not None and list(saved_layers) != self.rows:
+            rank_zero_warn(
+                f"CKACallback ({self.log_prefix}): the checkpoint's history was measured on layers "
+                f"{list(saved_layers)} but this callback measures {self.rows}; the history was not restored."
+            )
+            return
         self.history = []
         for entry in copy.deepcopy(state_dict.get("history", [])):
             record = {k: v for k, v in entry.items() if k != "cka"}
@@ -427,3 +514,31 @@ class CKACallback(Callback):
             for name, saved in entry.get("cka", {}).items():
                 record[name] = CKAResult(saved["matrix"], saved["rows"], saved["cols"], dict(meta))
             self.history.append(record)
+        self._validations = int(state_dict.get("validations", len(self.history) * self.every_n_epochs))
+        saved = state_dict.get("analyses", {})
+        for analysis in self._active_analyses:
+            if analysis.key in saved:
+                self._guard(analysis, "load_state_dict", analysis.load_state_dict, saved[analysis.key])
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs ``self.log`` values of this validation at, so CKA data lines up
+    with ``val/*`` curves. Lightning keeps it in a private counter (no public accessor)."""
+    try:
+        return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    except AttributeError:  # pragma: no cover - a Lightning without the counter
+        return trainer.global_step
+
+
+@contextlib.contextmanager
+def _eval_mode(root: nn.Module) -> Iterator[None]:
+    """Eval mode for every module under ``root`` while inside; each module's own ``training``
+    flag is restored afterwards (also for modules shared with the model being trained)."""
+    flags = [(m, m.training) for m in root.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -25,7 +25,7 @@ from lightning_cka.plotting import figure_to_array
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["log_custom_scalar_layout", "log_figure", "log_scalars", "run_dir"]
+__all__ = ["log_custom_scalar_layout", "log_figure", "log_scalars", "log_text", "run_dir", "unique_path"]
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -62,7 +62,7 @@ def log_figure(trainer: pl.Trainer, tag: str, fig: Figure, step: int) -> None:
 def _save_png(trainer: pl.Trainer, tag: str, image: np.ndarray, step: int) -> Path:
     from PIL import Image
 
-    path = run_dir(trainer) / "figures" / f"{tag.replace('/', '_')}_step{step:08d}.png"
+    path = unique_path(run_dir(trainer) / "figures" / f"{tag.replace('/', '_')}_step{step:08d}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return path
@@ -88,3 +88,21 @@ def log_custom_scalar_layout(trainer: pl.Trainer, layout: Mapping[str, Mapping[s
                 for category, charts in layout.items()
             }
             logger.experiment.add_custom_scalars(charts)
+
+
+def unique_path(path: Path) -> Path:
+    """``path``, or the first of ``<stem>-v1<suffix>``, ``<stem>-v2<suffix>``, ... that does not
+    exist yet, so that nothing written before is overwritten (like ``ModelCheckpoint``'s
+    versioned names)."""
+    candidate, version = path, 0
+    while candidate.exists():
+        version += 1
+        candidate = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+    return candidate
+
+
+def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
+    """Send a short text (how to read a figure) to loggers that take text (TensorBoard's text plugin)."""
+    for logger in trainer.loggers:
+        if _is_tensorboard(logger):
+            logger.experiment.add_text(tag, text, global_step=step)

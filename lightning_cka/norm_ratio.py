@@ -1,4 +1,4 @@
-"""Skip-connection norm ratio ``||z|| / ||f(z)||`` of residual units (REFERENCE.md section 4).
+"""Skip-connection norm ratio ``||z|| / ||f(z)||`` of residual units (Raghu et al. 2021).
 
 For a residual unit ``out = z + f(z)`` the ratio is taken per token (ViT, ``(n, T, C)``) or per
 spatial position (CNN, ``(n, C, H, W)``) over the channel dimension, then averaged over
@@ -24,18 +24,17 @@ positions where both norms are 0 (or NaN) are left out of the mean.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from lightning_cka.capture import HookSet, select_output
 from lightning_cka.layers import find_backbones, module_map
+from lightning_cka.running_mean import RunningMean
 
 __all__ = [
     "NormRatio",
@@ -49,50 +48,38 @@ UNITS = ("attn", "mlp", "residual")
 GROUPS = ("cls", "spatial", "all")
 
 
-class NormRatio(Metric):
+class NormRatio(RunningMean):
     """Streaming means of named series (here: skip-connection norm ratios).
 
-    States ``total`` and ``count`` (both ``(S,)`` float64) are sums, all-reduced by summation
-    under DDP. Updates are out of place, so the metric may be updated under
-    ``torch.inference_mode()`` and computed outside it.
+    A :class:`~lightning_cka.running_mean.RunningMean` of shape ``(S,)`` whose units are named.
 
     Args:
         series: the ``S`` series names, in state order.
+
+    Example:
+        >>> ratios = NormRatio(["blocks.0/attn/cls", "blocks.0/attn/spatial"])
+        >>> ratios.update(torch.tensor([6.0, 10.0]), counts=torch.tensor([2.0, 5.0]))
+        >>> ratios.as_dict()
+        {'blocks.0/attn/cls': 3.0, 'blocks.0/attn/spatial': 2.0}
     """
 
-    is_differentiable = False
-    higher_is_better = None
-    full_state_update = False
-
-    total: Tensor
-    count: Tensor
-
     def __init__(self, series: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__((len(series),), **kwargs)
         self.series = list(series)
-        size = len(self.series)
-        self.add_state("total", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, sums: Tensor, counts: Tensor | float, start: int = 0) -> None:
+    def update(self, sums: Tensor, counts: Tensor | float, start: int = 0) -> None:  # type: ignore[override]
         """Add ``sums`` (``(k,)``, sums of values) and ``counts`` (``(k,)`` or a number, how many
-        values each sum holds) to series ``start .. start + k - 1``. No host synchronisation."""
+        values each sum holds) to series ``start .. start + k - 1``. No host synchronisation.
+
+        Raises:
+            ValueError: the ``k`` sums do not fit the series from ``start`` on.
+        """
         sums = torch.as_tensor(sums)
         if sums.ndim != 1 or start < 0 or start + sums.shape[0] > self.total.shape[0]:
             raise ValueError(
                 f"sums of shape {tuple(sums.shape)} at start={start} do not fit {self.total.shape[0]} series."
             )
-        if not isinstance(counts, Tensor):
-            counts = torch.full_like(sums, float(counts))
-        if sums.device != self.total.device:
-            self.to(sums.device)
-        pad = (start, self.total.shape[0] - start - sums.shape[0])
-        self.total = self.total + F.pad(sums.to(torch.float64), pad)
-        self.count = self.count + F.pad(counts.to(device=sums.device, dtype=torch.float64), pad)
-
-    def compute(self) -> Tensor:
-        """``(S,)`` float64 means; NaN for series that received no value."""
-        return torch.where(self.count > 0, self.total / self.count.clamp_min(1.0), torch.nan)
+        super().update(sums, counts, index=slice(start, start + sums.shape[0]))
 
     def as_dict(self, values: Tensor | None = None) -> dict[str, float]:
         """``{series name: mean}`` of ``values`` (computed when ``None``)."""
@@ -309,9 +296,9 @@ class NormRatioCapture:
         if index not in self._warned:
             self._warned.add(index)
             unit = self.units[index]
-            warnings.warn(
+            rank_zero_warn(
                 f"Norm ratio of {unit.block!r} ({unit.unit}) could not be measured ({err}); it is skipped.",
-                UserWarning,
+                category=UserWarning,
                 stacklevel=3,
             )
 
@@ -319,10 +306,14 @@ class NormRatioCapture:
         """``{series: mean ratio}`` over everything seen (a collective under DDP: call it on every rank)."""
         return self.metric.as_dict()
 
+    def clear(self) -> None:
+        """Forget anything half-recorded (a z without its f(z))."""
+        self._pending = [{"z": None, "f": None} for _ in self.units]
+
     def reset(self) -> None:
         """Clear the means and anything half-recorded."""
         self.metric.reset()
-        self._pending = [{"z": None, "f": None} for _ in self.units]
+        self.clear()
 
 
 def _split(name: str) -> tuple[str, str, str]:

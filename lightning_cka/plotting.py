@@ -126,3 +126,25 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """Display names: ``names`` without the dotted prefix they all share (a container name such
+    as ``blocks`` stays before an index; a lone name is kept whole).
+
+    Example:
+        >>> short_names(["model.blocks.0.attn", "model.blocks.1.attn"])
+        ['blocks.0.attn', 'blocks.1.attn']
+        >>> short_names(["model.layer1.0", "model.layer2.0"])
+        ['layer1.0', 'layer2.0']
+    """
+    names = list(names)
+    if len(names) < 2:
+        return names
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    if common and parts[0][common].split(":")[0].isdigit():
+        common -= 1
+    return [".".join(p[common:]) for p in parts]

@@ -327,7 +327,7 @@ def test_gradient_accumulation(tmp_path):
     tr.fit(module, train_data(), val)
     assert module.training_steps == 8
     assert [(r["epoch"], r["step"]) for r in cb.history] == [(0, 2), (1, 4)]  # optimizer steps, not batches
-    assert tb_steps(logger.log_dir, "cka/self") == [2, 4]
+    assert tb_steps(logger.log_dir, "cka/self") == tb_steps(logger.log_dir, "val_loss") == [1, 3]
     assert max_diff(cb.history[-1]["self"].matrix, cmp(module, val, "sublayers").matrix) < TOL
     assert module.train_hooks == [0] * 8
 
@@ -358,8 +358,9 @@ def test_val_check_interval_half_epoch(tmp_path):
     assert [r["epoch"] for r in cb.history] == [0, 0, 1, 1]  # two entries per epoch
     steps = [r["step"] for r in cb.history]
     assert steps == [2, 4, 6, 8] and strictly_increasing(steps)
-    assert tb_steps(logger.log_dir, "cka/self") == steps
-    assert tb_steps(logger.log_dir, "cka/self/adjacent_mean") == steps
+    # CKA data lands on the step of Lightning's validation scalars
+    assert tb_steps(logger.log_dir, "cka/self") == tb_steps(logger.log_dir, "val_loss") == [s - 1 for s in steps]
+    assert tb_steps(logger.log_dir, "cka/self/adjacent_mean") == tb_steps(logger.log_dir, "val_loss")
     assert len(list((Path(logger.log_dir) / "cka").glob("self_step*.npz"))) == 4
     for record, state in zip(cb.history, snaps.states, strict=True):
         expected = cmp(with_weights(module, state), val, "sublayers")
@@ -379,7 +380,7 @@ def test_several_val_dataloaders(tmp_path):
     assert max_diff(on0, on1) > 1e-6
     assert max_diff(first.history[0]["self"].matrix, on0) < TOL
     assert max_diff(second.history[0]["self"].matrix, on1) < TOL
-    assert tb_steps(logger.log_dir, "cka/self") == tb_steps(logger.log_dir, "cka_dl1/self") == [2]
+    assert tb_steps(logger.log_dir, "cka/self") == tb_steps(logger.log_dir, "cka_dl1/self") == [1]
     assert H.hook_count(module) == 0
 
 
@@ -497,7 +498,7 @@ def test_keyboard_interrupt_in_fit_then_resume(tmp_path):
     assert H.hook_count(module) == 0
     assert compiled.__dict__["forward"] is compiled_forward  # compiled again, not left eager
     assert [r["epoch"] for r in cb.history] == [0]  # no partial entry for epoch 1
-    assert tb_steps(logger.log_dir, "cka/self") == [2]
+    assert tb_steps(logger.log_dir, "cka/self") == tb_steps(logger.log_dir, "val_loss") == [1]
     assert len(list((Path(logger.log_dir) / "cka").glob("self_step*.npz"))) == 1
 
     module.interrupt_at = None
@@ -552,7 +553,7 @@ def test_resume_from_mid_epoch_checkpoint(tmp_path):
     # TensorBoard over both runs: one event file each, steps never repeat or go back
     assert len(event_files(logger.log_dir)) == 2
     steps = tb_steps(logger.log_dir, "cka/self")
-    assert steps == [2, 4, 6, 8]
+    assert steps == tb_steps(logger.log_dir, "val_loss") == [1, 3, 5, 7]
     assert strictly_increasing(tb_steps(logger.log_dir, "cka/self/adjacent_mean"))
 
 
@@ -584,7 +585,7 @@ def test_resume_from_validation_checkpoint_with_half_epoch_interval(tmp_path):
         assert max_diff(old["self"].matrix, new["self"].matrix) == 0.0
     assert max_diff(cb2.history[-1]["self"].matrix, cmp(module, val, "sublayers").matrix) < TOL
     steps = tb_steps(logger.log_dir, "cka/self")
-    assert steps == [2, 4, 6, 8] and strictly_increasing(steps)
+    assert steps == tb_steps(logger.log_dir, "val_loss") == [1, 3, 5, 7] and strictly_increasing(steps)
 
 
 # --------------------------------------------------------------------------- non-finite activations

@@ -1,0 +1,24 @@
+"""Analyses: the signals :class:`~lightning_cka.CKACallback` measures, one module each.
+
+- :mod:`~lightning_cka.analyses.base`: the :class:`Analysis` protocol and what flows through it;
+- :mod:`~lightning_cka.analyses.cka`: layer x layer and model x reference CKA heatmaps;
+- :mod:`~lightning_cka.analyses.norm_ratio`: skip-connection norm ratios;
+- :mod:`~lightning_cka.analyses.attention_distance`: mean attention distances.
+"""
+
+from lightning_cka.analyses.attention_distance import AttentionDistanceAnalysis
+from lightning_cka.analyses.base import Analysis, AnalysisSkipped, MeasuredBatch, Report, SetupContext
+from lightning_cka.analyses.cka import ReferenceCKA, SelfCKA
+from lightning_cka.analyses.norm_ratio import NormRatioAnalysis
+
+__all__ = [
+    "Analysis",
+    "AnalysisSkipped",
+    "AttentionDistanceAnalysis",
+    "MeasuredBatch",
+    "NormRatioAnalysis",
+    "ReferenceCKA",
+    "Report",
+    "SelfCKA",
+    "SetupContext",
+]
