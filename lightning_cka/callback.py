@@ -29,7 +29,7 @@ from lightning_cka.analyses import (
 from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
 from lightning_cka.compare import CKAResult, to_model_input
 from lightning_cka.compiled import EagerWhileMeasuring
-from lightning_cka.layers import LayerSpec, backbone_of, module_map, resolve_layers
+from lightning_cka.layers import LayerSpec, backbone_of, resolve_layers
 from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, log_text, run_dir, unique_path
 from lightning_cka.metric import resolve_precision
 from lightning_cka.plotting import short_names
@@ -265,14 +265,13 @@ class CKACallback(Callback):
         names = resolve_layers(root, spec, what)
         if self.reduction == "cls":
             self._check_cls(root, names, what)
-        modules = module_map(root)
-        return names, GramCapture({n: modules[n] for n in names}, self.reduction, self.output, self.precision)
+        return names, GramCapture.for_layers(root, names, self.reduction, self.output, self.precision)
 
     @staticmethod
     def _check_cls(root: nn.Module, names: list[str], what: str) -> None:
         for name in names:
             backbone = backbone_of(root, name)
-            if backbone is None or backbone.kind != "vit" or getattr(backbone.module, "cls_token", None) is None:
+            if backbone is None or not backbone.has_class_token:
                 raise ValueError(
                     f"reduction='cls' needs ViT layers with a class token, but {what} entry {name!r} is not in one; "
                     "use reduction='mean' or 'flatten'."

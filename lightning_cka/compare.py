@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_cka.capture import GramCapture, HookSet, OutputSelector, extract_input
+from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
 from lightning_cka.compiled import EagerWhileMeasuring
-from lightning_cka.layers import LayerSpec, module_map, resolve_layers
+from lightning_cka.layers import LayerSpec, resolve_layers
 from lightning_cka.metric import MinibatchCKA, resolve_precision
 
 __all__ = ["CKAResult", "compare"]
@@ -29,6 +29,14 @@ class CKAResult:
         rows: row layer names.
         cols: column layer names.
         meta: free-form information (epoch, number of batches, ...).
+
+    Example:
+        >>> import tempfile
+        >>> result = CKAResult(torch.eye(2, dtype=torch.float64), ["a", "b:in"], ["a", "b:in"], {"batches": 3})
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     loaded = CKAResult.load(result.save(f"{tmp}/cka"))
+        >>> loaded.rows, loaded.meta, torch.equal(loaded.matrix, result.matrix)
+        (['a', 'b:in'], {'batches': 3}, True)
     """
 
     matrix: Tensor
@@ -80,22 +88,81 @@ def _float_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 def to_model_input(x: Tensor, model: nn.Module) -> Tensor:
-    """Move an input batch to ``model``'s device and (for floating inputs) parameter dtype."""
+    """Move an input batch to ``model``'s device and (for floating inputs) parameter dtype.
+
+    Example:
+        >>> to_model_input(torch.zeros(2, 3), nn.Linear(3, 1).double()).dtype
+        torch.float64
+    """
     dtype = _float_dtype(model) if x.is_floating_point() else None
     return x.to(device=_device(model), dtype=dtype or x.dtype, non_blocking=True)
 
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode and restore each one's previous mode afterwards."""
-    previous = [m.training for m in models]
+    """Put models in eval mode and restore every submodule's own ``training`` flag afterwards.
+
+    A model in training mode with some parts frozen in eval mode (``model.train();
+    model.bn.eval()``) comes back exactly so, not flattened by ``model.train(True)``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+        >>> _ = net[1].eval()
+        >>> with eval_mode(net):
+        ...     [m.training for m in net.modules()]
+        [False, False, False]
+        >>> [m.training for m in net.modules()]
+        [True, True, False]
+    """
+    previous = [(m, m.training) for model in models for m in model.modules()]
     try:
-        for m in models:
-            m.eval()
+        for model in models:
+            model.eval()
         yield
     finally:
-        for m, was_training in zip(models, previous, strict=True):
-            m.train(was_training)
+        for m, was_training in reversed(previous):
+            m.training = was_training
+
+
+def _check_arguments(
+    model: Any,
+    dataloader: Any,
+    other: Any,
+    max_batches: Any,
+    input_key: Any,
+    reduction: Any,
+    output: Any,
+    precision: Any,
+) -> torch.dtype | None:
+    """Validate :func:`compare`'s arguments before anything runs; returns the Gram dtype."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if other is not None and not isinstance(other, nn.Module):
+        raise TypeError(f"`other` must be a torch.nn.Module or None, got {type(other).__name__}.")
+    if isinstance(dataloader, Tensor):
+        raise TypeError(
+            f"`dataloader` is a single tensor of shape {tuple(dataloader.shape)}; iterating it would yield single "
+            "examples. Pass a DataLoader or a list of batches, e.g. [tensor]."
+        )
+    if not isinstance(dataloader, Iterable) and not hasattr(type(dataloader), "__getitem__"):
+        raise TypeError(f"`dataloader` must be an iterable of batches, got {type(dataloader).__name__}.")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)):
+        raise TypeError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+    if isinstance(input_key, bool) or not isinstance(input_key, str | int):
+        raise TypeError(f"`input_key` must be a str (dict batches) or int (tuple batches), got {input_key!r}.")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    if isinstance(output, bool) or not isinstance(output, str | int):
+        raise TypeError(f"`output` must be an int (tuple outputs) or str (dict outputs), got {output!r}.")
+    try:
+        return resolve_precision(precision)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`precision` must be one of 'float32', 'bfloat16', 'float64' or a matching torch dtype, got {precision!r}."
+        ) from None
 
 
 def _progress(iterable: Iterable[Any], enabled: bool, total: int | None) -> Iterable[Any]:
@@ -125,11 +192,13 @@ def compare(
         model: the network to hook.
         dataloader: iterable of batches: tensors, tuples/lists (first element is the input) or
             dicts (``input_key`` names the input).
-        layers: names from ``model.named_modules()``, glob patterns, module types or a preset
-            (``"auto"``, ``"sublayers"``); see :func:`lightning_cka.layers.resolve_layers`.
+        layers: names from ``model.named_modules()`` (``"blocks.0"``; ``"blocks.0.norm2:in"`` for a
+            module's input), glob patterns, module types or a preset (``"auto"``, ``"blocks"``,
+            ``"sublayers"``, ``"stream"``); see :func:`lightning_cka.layers.resolve_layers`. Rows
+            follow the order given.
         other: a second network run on the same inputs (cross-comparison).
-        other_layers: layers of ``other``; defaults to ``layers``.
-        max_batches: stop after this many batches.
+        other_layers: layers of ``other`` (columns, in the order given); defaults to ``layers``.
+        max_batches: stop after this many batches (a positive int; ``None``: all).
         progress: show a progress bar.
         input_key: dict key or tuple index of the model input in a batch.
         reduction: ``"flatten"`` (paper default), ``"mean"`` or ``"cls"``.
@@ -139,22 +208,36 @@ def compare(
     Returns:
         a :class:`CKAResult` with the ``(L, M)`` matrix and the layer names.
 
+    Raises:
+        TypeError, ValueError: an invalid argument (named in the message), before any batch is read.
+        ValueError: no usable batch was seen.
+
     Self-comparison runs ``model`` once per batch. Both models run in eval mode under
     ``torch.no_grad()``; their modes are restored and all hooks removed afterwards, also when
     an exception is raised. ``torch.compile``'d models run eagerly here (hooks do not fire
-    inside compiled graphs) and are compiled again afterwards.
+    inside compiled graphs) and are compiled again afterwards. A module that runs more than
+    once per forward pass (a shared block) is measured at its first call.
+
+    Example:
+        >>> import torch
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+        >>> batches = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+        >>> result = compare(vit, batches, layers="stream", progress=False)
+        >>> result.rows
+        ['blocks.0.norm2:in', 'blocks.0', 'blocks.1.norm2:in', 'blocks.1']
+        >>> result.matrix.shape
+        torch.Size([4, 4])
     """
+    dtype = _check_arguments(model, dataloader, other, max_batches, input_key, reduction, output, precision)
     rows = resolve_layers(model, layers, "layers")
     cols = rows
     if other is not None:
         cols = resolve_layers(other, other_layers if other_layers is not None else layers, "other_layers")
-    dtype = resolve_precision(precision)
-    named = module_map(model)
-    capture = GramCapture({n: named[n] for n in rows}, reduction, output, dtype)
+    capture = GramCapture.for_layers(model, rows, reduction, output, dtype)
     other_capture = None
     if other is not None:
-        other_named = module_map(other)
-        other_capture = GramCapture({n: other_named[n] for n in cols}, reduction, output, dtype)
+        other_capture = GramCapture.for_layers(other, cols, reduction, output, dtype)
     metric = MinibatchCKA(precision=dtype, layer_names=rows, other_layer_names=cols if other is not None else None).to(
         _device(model)
     )

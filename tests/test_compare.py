@@ -374,3 +374,110 @@ def test_gram_capture_shares_one_scratch_per_forward_and_releases_it(precision):
     acts = own_capture(model, names, [x])[0]
     for k, act in zip(grams, acts, strict=True):
         assert torch.equal(k, gram(act, precision))
+
+
+# ------------------------------------------------------------- per-submodule train/eval state
+def test_mixed_train_eval_state_restored(resnet, images):
+    resnet.train()
+    resnet.bn1.eval()  # e.g. a frozen stem
+    resnet.layer2.eval()
+    before = {name: m.training for name, m in resnet.named_modules()}
+    assert any(before.values()) and not all(before.values())
+    counter = CountCalls(resnet)
+    try:
+        compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
+    finally:
+        counter.remove()
+    assert counter.training == [False] * len(images)
+    assert {name: m.training for name, m in resnet.named_modules()} == before
+    resnet.eval()
+
+
+def test_mixed_state_restored_after_exception(resnet, images):
+    resnet.train()
+    resnet.layer1.eval()
+    before = {name: m.training for name, m in resnet.named_modules()}
+    with pytest.raises(OSError):
+        compare(resnet, _raising_loader(images), layers=RESNET_BLOCKS, progress=False)
+    assert {name: m.training for name, m in resnet.named_modules()} == before
+    resnet.eval()
+
+
+# ------------------------------------------------------------------- argument validation
+BAD_ARGUMENTS = {
+    "max_batches_zero": ({"max_batches": 0}, ValueError, ["max_batches", "0"]),
+    "max_batches_negative": ({"max_batches": -2}, ValueError, ["max_batches", "-2"]),
+    "max_batches_float": ({"max_batches": 1.5}, TypeError, ["max_batches", "1.5"]),
+    "max_batches_bool": ({"max_batches": True}, TypeError, ["max_batches", "True"]),
+    "reduction": ({"reduction": "max"}, ValueError, ["reduction", "'max'"]),
+    "precision_name": ({"precision": "float16"}, ValueError, ["precision", "'float16'"]),
+    "precision_dtype": ({"precision": torch.int8}, ValueError, ["precision", "torch.int8"]),
+    "precision_unhashable": ({"precision": ["float32"]}, ValueError, ["precision", "['float32']"]),
+    "other_not_module": ({"other": "resnet18"}, TypeError, ["other", "str"]),
+    "input_key": ({"input_key": 1.0}, TypeError, ["input_key", "1.0"]),
+    "output": ({"output": None}, TypeError, ["output", "None"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_fail_before_iterating(resnet, case):
+    kwargs, exc, fragments = BAD_ARGUMENTS[case]
+    before = hook_count(resnet)
+    with pytest.raises(exc) as info:
+        compare(resnet, Exploding(), layers=RESNET_BLOCKS[:2], progress=False, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert hook_count(resnet) == before
+
+
+@pytest.mark.parametrize("loader", [3, None, torch.randn(8, 3, 32, 32)], ids=["int", "none", "tensor"])
+def test_non_iterable_dataloader(resnet, loader):
+    with pytest.raises(TypeError, match="dataloader"):
+        compare(resnet, loader, layers=RESNET_BLOCKS[:2], progress=False)
+
+
+def test_model_not_module(images):
+    with pytest.raises(TypeError, match="model"):
+        compare("vit", images, progress=False)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- order, reductions, sharing
+def test_cross_comparison_keeps_the_given_order(vit, resnet, images):
+    rows = ["blocks.1", "blocks.0.mlp", "blocks.0"]
+    cols = ["layer3.0", "layer1.0", "layer4.0"]
+    result = compare(vit, images, layers=rows, other=resnet, other_layers=cols, progress=False)
+    assert result.rows == rows and result.cols == cols
+    expected = ref.minibatch_cka(own_capture(vit, rows, images), own_capture(resnet, cols, images))
+    assert ref.max_abs_err(result.matrix, expected) < TOL32
+    # the same entries as the sorted comparison, permuted
+    sorted_ = compare(vit, images, layers=sorted(rows), other=resnet, other_layers=sorted(cols), progress=False)
+    r = [sorted(rows).index(n) for n in rows]
+    c = [sorted(cols).index(n) for n in cols]
+    assert ref.max_abs_err(result.matrix, sorted_.matrix[r][:, c]) < 1e-12
+
+
+@pytest.mark.parametrize(("reduction", "reduce"), [("mean", lambda x: x.mean(1)), ("cls", lambda x: x[:, 0])])
+def test_token_reductions_against_hand_reduced_activations(vit, images, reduction, reduce):
+    names = ["blocks.0", "blocks.1"]
+    result = compare(vit, images, layers=names, reduction=reduction, progress=False)
+    acts = [[reduce(a) for a in batch] for batch in own_capture(vit, names, images)]
+    assert acts[0][0].shape == (8, 192)
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    flat = compare(vit, images, layers=names, progress=False)
+    assert ref.max_abs_err(result.matrix, flat.matrix) > 1e-4  # the reduction matters
+
+
+def test_shared_block_is_measured_at_its_first_call(images):
+    torch.manual_seed(3)
+    block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+    head = nn.Linear(16, 5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), block, block, head).eval()
+    names = [n for n, _ in model.named_modules()]
+    assert "3" not in names  # named_modules lists the shared block once, as "2"
+    result = compare(model, images, layers=["2", "4"], progress=False, precision="float64")
+    acts = []
+    with torch.no_grad():
+        for x in images:
+            first = block(model[1](model[0](x)))
+            acts.append([first, head(block(first))])
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL64

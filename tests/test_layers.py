@@ -15,6 +15,20 @@ VIT_BLOCKS = [f"model.blocks.{i}" for i in range(3)]
 VIT_SUB = [f"model.blocks.{i}.{s}" for i in range(3) for s in ("attn", "mlp")]
 RESNET18 = [f"model.layer{s}.{j}" for s in range(1, 5) for j in range(2)]
 RESNET10T = [f"model.layer{s}.0" for s in range(1, 5)]
+VIT_STREAM = [n for i in range(3) for n in (f"model.blocks.{i}.norm2:in", f"model.blocks.{i}")]
+TV_BLOCKS = [f"model.encoder.layers.encoder_layer_{i}" for i in range(2)]
+TV_SUB = [f"{b}.{s}" for b in TV_BLOCKS for s in ("self_attention", "mlp")]
+TV_STREAM = [n for b in TV_BLOCKS for n in (f"{b}.ln_2:in", b)]
+
+
+def tv_vit(seed: int = 0) -> nn.Module:
+    """torchvision's VisionTransformer, tiny: 32x32 inputs, 8x8 patches, 2 layers of width 32."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=H.NUM_CLASSES
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,6 +61,8 @@ ARCHS = {
     "timm_resnet10t_auto": (lambda: H.timm_resnet("resnet10t"), "auto", RESNET10T),
     "tv_resnet18_auto": (H.tv_resnet18, "auto", RESNET18),
     "tv_resnet18_sublayers": (H.tv_resnet18, "sublayers", RESNET18),
+    "tv_vit_auto": (tv_vit, "auto", TV_BLOCKS),
+    "tv_vit_sublayers": (tv_vit, "sublayers", TV_SUB),
 }
 
 
@@ -57,6 +73,25 @@ def test_presets(tmp_path, arch):
     cb = CKACallback(layers=spec)
     val = validate(tmp_path, module, cb)
     check_rows(cb, module, val, expected)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(lambda: H.tiny_vit(depth=3), VIT_STREAM), (tv_vit, TV_STREAM)],
+    ids=["vit", "tv_vit"],
+)
+def test_stream_preset(tmp_path, make, expected):
+    module = H.LitClassifier(make())
+    cb = CKACallback(layers="stream")
+    val = validate(tmp_path, module, cb)
+    check_rows(cb, module, val, expected)
+
+
+def test_explicit_input_points(tmp_path):
+    module = H.LitClassifier(H.tiny_vit(depth=3))
+    cb = CKACallback(layers=["model.blocks.*.norm2:in", "model.norm:in"])
+    val = validate(tmp_path, module, cb)
+    check_rows(cb, module, val, [*VIT_STREAM[0::2], "model.norm:in"])
 
 
 @pytest.mark.parametrize("make", [lambda: H.tiny_vit(depth=3), H.tv_resnet18], ids=["vit", "tv_resnet18"])
