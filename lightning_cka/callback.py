@@ -243,6 +243,9 @@ class CKACallback(Callback):
             short_names=short_names(self.rows),
             reference_short_names=short_names(self.cols),
             sum_over_ranks=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+            all_gather=lambda t: trainer.strategy.all_gather(t).reshape(trainer.world_size, *t.shape),
+            world_size=trainer.world_size,
+            input_key=self.input_key,
         )
         self._active_analyses = []
         for analysis in self._analyses:
@@ -348,7 +351,9 @@ class CKACallback(Callback):
         if not self._hooks or self._capture is None:
             return
         self._hooks.remove()  # the reference run below must not fire the model's hooks
-        measured = MeasuredBatch(batch, self._capture.collect(), lambda: self._run_reference(batch))
+        measured = MeasuredBatch(
+            batch, self._capture.collect(), lambda: self._run_reference(batch), self.input_key, self._batches
+        )
         for analysis in self._active_analyses:
             self._guard(analysis, "update", analysis.update, measured)
             analysis.clear()

@@ -55,6 +55,10 @@ class SetupContext:
         reference_short_names: display names of ``reference_layers``.
         sum_over_ranks: all-reduces a tensor by summation over processes (identity in one process);
             a collective, for use in :meth:`Analysis.compute`.
+        all_gather: gathers a tensor (same shape on every rank) from all processes into
+            ``(world_size, *shape)`` (``(1, *shape)`` in one process); a collective.
+        world_size: number of processes.
+        input_key: where the model input sits in a batch (see :func:`~lightning_cka.capture.extract_input`).
     """
 
     module: nn.Module
@@ -66,6 +70,9 @@ class SetupContext:
     short_names: list[str] = field(default_factory=list)
     reference_short_names: list[str] = field(default_factory=list)
     sum_over_ranks: Callable[[Tensor], Tensor] = lambda t: t
+    all_gather: Callable[[Tensor], Tensor] = lambda t: t.unsqueeze(0)
+    world_size: int = 1
+    input_key: str | int = 0
 
 
 class MeasuredBatch:
@@ -75,11 +82,21 @@ class MeasuredBatch:
         batch: the dataloader batch.
         grams: ``(L, n, n)`` Gram matrices of the self layers from this forward pass, or
             ``None`` when they could not be captured (the reason was warned about).
+        index: position of this batch among the measured batches of this validation (0 first).
     """
 
-    def __init__(self, batch: Any, grams: Tensor | None, run_reference: Callable[[], Tensor | None]) -> None:
+    def __init__(
+        self,
+        batch: Any,
+        grams: Tensor | None,
+        run_reference: Callable[[], Tensor | None],
+        input_key: str | int = 0,
+        index: int = 0,
+    ) -> None:
         self.batch = batch
         self.grams = grams
+        self.index = index
+        self.input_key = input_key
         self._run_reference = run_reference
         self._reference: Tensor | None = None
         self._reference_done = False
@@ -88,6 +105,12 @@ class MeasuredBatch:
     def num_examples(self) -> int:
         """Examples the self layers saw (0 when their Grams are missing)."""
         return 0 if self.grams is None else int(self.grams.shape[-1])
+
+    def inputs(self) -> Tensor:
+        """The model input of the batch (``batch[input_key]``)."""
+        from lightning_cka.capture import extract_input
+
+        return extract_input(self.batch, self.input_key)
 
     def reference_grams(self) -> Tensor | None:
         """``(M, n, n)`` Grams of the reference layers on the same inputs; the reference model runs
