@@ -5,6 +5,7 @@ import pytest
 import reference as ref
 import torch
 
+from lightning_cka import MinibatchCKA
 from lightning_cka import functional as F
 
 TOL64 = 1e-10
@@ -273,3 +274,149 @@ def test_cka_from_sums_nan_for_non_positive_self_terms():
     assert out[0, 0] == pytest.approx(0.5)
     assert torch.isnan(out[1]).all() and torch.isnan(out[:, 1]).all()
     assert np.isfinite(float(out[0, 0]))
+
+
+# --------------------------------------------------------------- minibatch_cka and the metric
+def _minibatches(gen, sizes, bad=None):
+    """Self-similarity minibatches of three layers; ``bad = (minibatch, layer)`` gets a NaN."""
+    out = []
+    for n in sizes:
+        a = torch.randn(n, 6, generator=gen) + 2.0
+        b = a @ torch.randn(6, 4, generator=gen) + torch.randn(n, 4, generator=gen)
+        out.append([a, b, torch.randn(n, 3, 2, generator=gen)])
+    if bad is not None:
+        b, i = bad
+        out[b][i] = out[b][i].clone()
+        out[b][i][1] = float("nan")
+    return out
+
+
+def _by_metric(batches_x, batches_y=None, **kwargs):
+    metric = MinibatchCKA(**kwargs)
+    for i, xs in enumerate(batches_x):
+        metric.update(xs, None if batches_y is None else batches_y[i])
+    return metric.compute()
+
+
+def test_function_and_metric_agree_with_small_and_nonfinite_minibatches(gen):
+    batches = _minibatches(gen, (9, 3, 12, 7), bad=(2, 1))
+    with pytest.warns(UserWarning) as record:
+        got = F.minibatch_cka(batches)
+    messages = [str(w.message) for w in record]
+    assert any("at least 4" in m for m in messages)
+    assert any("non-finite" in m and "#1 (1x)" in m for m in messages)
+    with pytest.warns(UserWarning) as record:
+        expected = _by_metric(batches)
+    assert any("at least 4" in str(w.message) for w in record)
+    assert any("non-finite" in str(w.message) and "#1 (1x)" in str(w.message) for w in record)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # ... and both follow the reference: the n=3 minibatch left out, the NaN layer per pair.
+    usable = [b for b in batches if len(b[0]) >= 4]
+    for i, j in np.ndindex(3, 3):
+        rows = [b for b in usable if torch.isfinite(b[i]).all() and torch.isfinite(b[j]).all()]
+        expected_ij = ref.minibatch_cka([[b[i]] for b in rows], [[b[j]] for b in rows])[0, 0]
+        assert abs(float(got[i, j]) - expected_ij) < TOL32
+
+    # Cross-similarity, with the NaN in a column layer.
+    ys = _minibatches(gen, (9, 3, 12, 7), bad=(0, 2))
+    for xs, y in zip(batches, ys, strict=True):
+        y[0] = xs[0][:, :3] + 0.5 * y[0][:, :3]
+    with pytest.warns(UserWarning):
+        cross = F.minibatch_cka(batches, ys)
+    with pytest.warns(UserWarning):
+        torch.testing.assert_close(cross, _by_metric(batches, ys), rtol=0, atol=0)
+    assert cross.shape == (3, 3) and torch.isfinite(cross).all()
+
+
+@pytest.mark.parametrize("precision", ["float64", torch.bfloat16, None])
+def test_function_and_metric_agree_on_precision(gen, precision):
+    batches = [[t.double() for t in b] for b in _minibatches(gen, (8, 10))]
+    torch.testing.assert_close(
+        F.minibatch_cka(batches, precision=precision), _by_metric(batches, precision=precision), rtol=0, atol=0
+    )
+
+
+def test_function_default_precision_is_float32_like_the_metric(gen):
+    batches = [[t.double() for t in b] for b in _minibatches(gen, (8, 10))]
+    default = F.minibatch_cka(batches)
+    assert torch.equal(default, F.minibatch_cka(batches, precision="float32"))
+    assert torch.equal(default, _by_metric(batches))
+    wide = F.minibatch_cka(batches, precision=torch.float64)
+    assert not torch.equal(default, wide)
+    assert ref.max_abs_err(wide, ref.minibatch_cka(batches)) < TOL64
+    assert ref.max_abs_err(default, ref.minibatch_cka(batches)) < TOL32
+
+
+def test_function_skips_small_minibatches_instead_of_raising(gen):
+    batches = _minibatches(gen, (10, 3, 8))
+    with pytest.warns(UserWarning, match=r"Skipped 1 minibatch\(es\) with fewer than 4 examples \(sizes \[3\]\)"):
+        got = F.minibatch_cka(batches)
+    assert ref.max_abs_err(got, ref.minibatch_cka([batches[0], batches[2]])) < TOL32
+
+
+def test_function_without_usable_minibatch_returns_nan_matrix(gen):
+    with pytest.warns(UserWarning, match="all-NaN 3 x 3 matrix"):
+        got = F.minibatch_cka(_minibatches(gen, (3, 2)))
+    assert got.shape == (3, 3) and got.dtype == torch.float64 and torch.isnan(got).all()
+    xs = [[torch.full((8, 4), float("nan"))]]
+    with pytest.warns(UserWarning, match="all-NaN 1 x 2 matrix"):
+        got = F.minibatch_cka(xs, [[torch.randn(8, 2, generator=gen), torch.randn(8, 3, generator=gen)]])
+    assert got.shape == (1, 2) and torch.isnan(got).all()
+
+
+def test_function_rejects_inconsistent_minibatches(gen):
+    batches = _minibatches(gen, (8, 8))
+    with pytest.raises(ValueError, match="No minibatches"):
+        F.minibatch_cka([])
+    with pytest.raises(ValueError, match="3 x 3"):
+        F.minibatch_cka([batches[0], batches[1][:2]])
+    with pytest.raises(ValueError):
+        F.minibatch_cka(batches, batches[:1])  # fewer column minibatches
+    with pytest.raises(ValueError, match="same examples"):
+        F.minibatch_cka(batches[:1], [[torch.randn(7, 2, generator=gen)]])
+    with pytest.raises(TypeError):
+        F.minibatch_cka([batches[0][0]])  # a tensor, not a list of layers
+    with pytest.raises(ValueError, match="precision"):
+        F.minibatch_cka(batches, precision="float16")
+
+
+def test_function_accepts_an_iterator_of_minibatches(gen):
+    batches = _minibatches(gen, (8, 9, 10))
+    assert torch.equal(F.minibatch_cka(iter(batches)), F.minibatch_cka(batches))
+
+
+def test_cka_from_sums_with_per_pair_self_sums():
+    sum_xy = torch.tensor([[1.0, 0.5], [0.2, 0.3]], dtype=torch.float64)
+    pair_xx = torch.tensor([[4.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    pair_yy = torch.tensor([[1.0, 1.0], [4.0, 1.0]], dtype=torch.float64)
+    out = F.cka_from_sums(sum_xy, pair_xx, pair_yy)
+    expected = torch.tensor([[0.5, 0.5], [0.1, float("nan")]], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    # Vectors and their broadcast matrices give the same result.
+    sxx, syy = torch.tensor([4.0, 1.0]).double(), torch.tensor([1.0, 9.0]).double()
+    torch.testing.assert_close(
+        F.cka_from_sums(sum_xy, sxx, syy), F.cka_from_sums(sum_xy, sxx[:, None].expand(2, 2), syy.expand(2, 2))
+    )
+
+
+def test_hsic1_pairwise_rejects_malformed_stacks():
+    with pytest.raises(ValueError, match=r"\(L, n, n\).*\(5, 5\)"):
+        F.hsic1_pairwise(torch.eye(5))
+    with pytest.raises(ValueError, match=r"\(2, 5, 6\)"):
+        F.hsic1_pairwise(torch.ones(2, 5, 6))
+    with pytest.raises(ValueError, match=r"`?l`?.*\(5, 5\)"):
+        F.hsic1_pairwise(torch.eye(5).expand(2, 5, 5), torch.eye(5))
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16), (torch.float64, torch.float64), (None, None)],
+)
+def test_resolve_precision(value, expected):
+    assert F.resolve_precision(value) is expected
+
+
+@pytest.mark.parametrize("bad", ["float16", "fp32", 32, torch.int32, torch.float16])
+def test_resolve_precision_rejects(bad):
+    with pytest.raises(ValueError, match="precision"):
+        F.resolve_precision(bad)

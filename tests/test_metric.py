@@ -8,6 +8,7 @@ import reference as ref
 import torch
 
 from lightning_cka import MinibatchCKA
+from lightning_cka import functional as F
 
 TOL32 = 1e-5
 TOL64 = 1e-10
@@ -33,6 +34,21 @@ def _cross(gen, xs, dtype=torch.float32):
 
 def _no_warnings_matching(record, text):
     return not any(text in str(w.message) for w in record)
+
+
+def pairwise_reference(batches_x, batches_y=None):
+    """Reference minibatch CKA of each pair over the minibatches in which both layers are finite."""
+    batches_y = batches_x if batches_y is None else batches_y
+    out = np.full((len(batches_x[0]), len(batches_y[0])), np.nan)
+    for i, j in np.ndindex(out.shape):
+        used = [
+            ([bx[i]], [by[j]])
+            for bx, by in zip(batches_x, batches_y, strict=True)
+            if torch.isfinite(bx[i]).all() and torch.isfinite(by[j]).all() and len(bx[i]) >= 4
+        ]
+        if used:
+            out[i, j] = ref.minibatch_cka(*map(list, zip(*used, strict=True)))[0, 0]
+    return out
 
 
 # ---------------------------------------------------------------------------------- values
@@ -100,7 +116,7 @@ def test_tail_minibatch_below_four_is_skipped_and_warned_once(gen):
 
 
 def test_large_mean_activations_float32_match_exact_reference(gen):
-    # REFERENCE.md: n=64, p=512, mean 100 makes the literal formula fail in float32. Use values
+    # n=64, p=512, mean 100 makes the literal Song et al. formula fail in float32. Use values
     # on a 1/16 grid so an exact-arithmetic reference applies (16 * x is integer-valued).
     x = torch.round(16 * (torch.randn(64, 512, generator=gen, dtype=torch.float64) + 100)) / 16
     mix = torch.randn(512, 512, generator=gen, dtype=torch.float64) / 512**0.5
@@ -202,11 +218,16 @@ def test_nonfinite_minibatch_is_skipped_and_named_at_compute(gen, bad_value):
         warnings.simplefilter("error")  # no warning before compute
         for xs in (batches[0], poisoned, batches[2]):
             metric.update(xs)
-    assert int(metric.num_batches) == 2
-    with pytest.warns(UserWarning, match=r"non-finite.*'blocks\.0'"):
+    assert int(metric.num_batches) == 3  # the other layers still used the poisoned minibatch
+    with pytest.warns(UserWarning, match=r"non-finite.*'blocks\.0' \(1x\)") as record:
         got = metric.compute()
+    assert not any("overflow" in str(w.message) for w in record)
     assert torch.isfinite(got).all()
-    assert ref.max_abs_err(got, ref.minibatch_cka([batches[0], batches[2]])) < TOL32
+    # Only the bad layer's row and column leave the poisoned minibatch out; every entry is the
+    # minibatch CKA over the minibatches in which both of its layers were finite.
+    assert ref.max_abs_err(got, pairwise_reference([batches[0], poisoned, batches[2]])) < TOL32
+    assert ref.max_abs_err(got[[0, 2]][:, [0, 2]], ref.minibatch_cka(batches)[[0, 2]][:, [0, 2]]) < TOL32
+    assert ref.max_abs_err(got[1], ref.minibatch_cka([batches[0], batches[2]])[1]) < TOL32
 
 
 def test_nonfinite_in_cross_layer_is_named(gen):
@@ -217,9 +238,11 @@ def test_nonfinite_in_cross_layer_is_named(gen):
     metric = MinibatchCKA(layer_names=["a", "b", "c"], other_layer_names=["other.x", "other.y"])
     metric.update(xs[0], bad)
     metric.update(xs[1], ys[1])
-    with pytest.warns(UserWarning, match=r"'other\.x'"):
+    with pytest.warns(UserWarning, match=r"column layer\(s\) 'other\.x' \(1x\)"):
         got = metric.compute()
-    assert ref.max_abs_err(got, ref.minibatch_cka(xs[1:], ys[1:])) < TOL32
+    assert ref.max_abs_err(got, pairwise_reference(xs, [bad, ys[1]])) < TOL32
+    assert ref.max_abs_err(got[:, :1], ref.minibatch_cka(xs[1:], [[y[0]] for y in ys[1:]])) < TOL32
+    assert ref.max_abs_err(got[:, 1:], ref.minibatch_cka(xs, [[y[1]] for y in ys])) < TOL32
 
 
 @pytest.mark.parametrize("value", [0.0, 0.5, 0.7])
@@ -423,3 +446,82 @@ def test_single_layer_result_keeps_matrix_shape(gen):
     metric = MinibatchCKA()
     metric.update([x])
     assert metric.compute().shape == (1, 1)
+
+
+def test_cross_with_unsorted_other_layer_names_keeps_the_given_order(gen):
+    xs = [_layers(gen, 10) for _ in range(2)]
+    ys = [[torch.randn(10, 3, generator=gen), x[0][:, :5] + 0.2 * torch.randn(10, 5, generator=gen), x[1]] for x in xs]
+    other_names = ["z.last", "a.first", "m.middle"]
+    metric = MinibatchCKA(layer_names=["stem", "tokens", "conv"], other_layer_names=other_names)
+    for x, y in zip(xs, ys, strict=True):
+        metric.update(x, y)
+    got = metric.compute()
+    assert ref.max_abs_err(got, ref.minibatch_cka(xs, ys)) < TOL32
+    assert metric.other_layer_names == other_names
+    _, ax = metric.plot(got)
+    assert [t.get_text() for t in ax.get_xticklabels()] == other_names
+    # Column j really is ys[j]: the columns differ, so a reordering would be caught.
+    assert float(got[1, 2]) > 0.99 > float(got[0, 1]) > float(got[0, 0])
+
+
+# ------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize("name", ["num_layers", "num_other_layers"])
+@pytest.mark.parametrize("value", [0, -2, 2.0, "3", True])
+def test_invalid_layer_counts_raise_naming_the_argument(name, value):
+    kwargs = {"num_layers": 2, name: value}
+    with pytest.raises(ValueError, match=rf"`{name}`.*{value!r}"):
+        MinibatchCKA(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"layer_names": "abc"}, "`layer_names`"),
+        ({"layer_names": []}, "`layer_names`"),
+        ({"layer_names": ["a", 2]}, "`layer_names`"),
+        ({"layer_names": ["a", "b"], "num_layers": 3}, "`num_layers`=3"),
+        ({"num_layers": 2, "other_layer_names": ["x"], "num_other_layers": 2}, "`num_other_layers`=2"),
+        ({"num_other_layers": 2}, "`num_layers`"),
+        ({"other_layer_names": ["x"]}, "`num_layers`"),
+    ],
+)
+def test_invalid_layer_names_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MinibatchCKA(**kwargs)
+
+
+def test_malformed_gram_stacks_raise_clear_errors(gen):
+    k = F.grams(_layers(gen, 8))
+    metric = MinibatchCKA()
+    with pytest.raises(ValueError, match=r"`?k`? must be a stack .*\(L, n, n\).*\(8, 8\)"):
+        metric.update_grams(k[0])  # one Gram, not a stack
+    with pytest.raises(ValueError, match=r"\(3, 8, 7\)"):
+        metric.update_grams(k[:, :, :7])  # not square
+    with pytest.raises(ValueError, match=r"\(0, 8, 8\)"):
+        metric.update_grams(k[:0])
+    with pytest.raises(ValueError, match=r"same n.*n=8.*n=9"):
+        metric.update_grams(k, F.grams([torch.randn(9, 3, generator=gen)]))
+    with pytest.raises(ValueError, match=r"`?l`? must be a stack"):
+        metric.update_grams(k, k[0])
+    with pytest.raises(TypeError, match="tensor"):
+        metric.update_grams(k.numpy())
+    with pytest.raises(TypeError, match="floating"):
+        metric.update_grams(k.long())
+    with pytest.raises(ValueError, match="grams"):
+        metric.update(grams=k[0])
+    with pytest.raises(ValueError, match="not both"):
+        metric.update(_layers(gen, 8), grams=k)
+    with pytest.raises(TypeError, match="xs"):
+        metric.update()
+    assert metric.sum_xy.numel() == 0  # nothing was accumulated by the failed calls
+    metric.update_grams(k)
+    with pytest.raises(ValueError, match="set up for 3 x 3 layers but got 2 x 2"):
+        metric.update_grams(k[:2])  # L mismatch with earlier updates
+    assert int(metric.num_batches) == 1
+
+
+def test_small_gram_stack_is_skipped_like_small_activations(gen):
+    metric = MinibatchCKA()
+    with pytest.warns(UserWarning, match="at least 4"):
+        metric.update_grams(F.grams(_layers(gen, 3)))
+    assert metric.num_skipped_small == 1 and metric.sum_xy.shape == (3, 3)
