@@ -6,7 +6,7 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -26,9 +26,10 @@ from lightning_cka.analyses import (
     SelfCKA,
     SetupContext,
 )
-from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
+from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, Reduction, extract_input
 from lightning_cka.compare import CKAResult, to_model_input
 from lightning_cka.compiled import EagerWhileMeasuring
+from lightning_cka.functional import Precision
 from lightning_cka.layers import LayerSpec, backbone_of, resolve_layers
 from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, log_text, run_dir, unique_path
 from lightning_cka.metric import resolve_precision
@@ -36,8 +37,6 @@ from lightning_cka.plotting import short_names
 
 __all__ = ["CKACallback"]
 
-Reduction = Literal["flatten", "mean", "cls"]
-Precision = Literal["float32", "bfloat16", "float64"]
 
 
 class CKACallback(Callback):

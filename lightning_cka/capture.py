@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_only, rank_zero_warn
@@ -47,12 +47,15 @@ __all__ = [
     "GramCapture",
     "HookPoint",
     "HookSet",
+    "Reduction",
     "extract_input",
     "reduce_features",
     "select_output",
 ]
 
-REDUCTIONS = ("flatten", "mean", "cls")
+#: How a layer's activation is reduced before its Gram is formed (see :func:`reduce_features`).
+Reduction = Literal["flatten", "mean", "cls"]
+REDUCTIONS: tuple[Reduction, ...] = ("flatten", "mean", "cls")
 OutputSelector = int | str
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
+from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, Reduction, extract_input
 from lightning_cka.compiled import EagerWhileMeasuring
+from lightning_cka.functional import Precision
 from lightning_cka.layers import LayerSpec, resolve_layers
 from lightning_cka.metric import MinibatchCKA, resolve_precision
 
@@ -139,7 +141,7 @@ def _check_arguments(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if other is not None and not isinstance(other, nn.Module):
-        raise TypeError(f"`other` must be a torch.nn.Module or None, got {type(other).__name__}.")
+        raise TypeError(f"`reference` must be a torch.nn.Module or None, got {type(other).__name__}.")
     if isinstance(dataloader, Tensor):
         raise TypeError(
             f"`dataloader` is a single tensor of shape {tuple(dataloader.shape)}; iterating it would yield single "
@@ -165,6 +167,16 @@ def _check_arguments(
         ) from None
 
 
+def _renamed(old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of a renamed argument, accepting its old name for one release (with a warning)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"Pass `{new}` only; `{old}` is its deprecated name.")
+    warnings.warn(f"`{old}` is deprecated; use `{new}` (same meaning).", DeprecationWarning, stacklevel=3)
+    return old_value
+
+
 def _progress(iterable: Iterable[Any], enabled: bool, total: int | None) -> Iterable[Any]:
     if not enabled:
         return iterable
@@ -177,16 +189,19 @@ def compare(
     model: nn.Module,
     dataloader: Iterable[Any],
     layers: LayerSpec = "auto",
-    other: nn.Module | None = None,
-    other_layers: LayerSpec | None = None,
+    reference: nn.Module | None = None,
+    reference_layers: LayerSpec | None = None,
     max_batches: int | None = None,
     progress: bool = True,
     input_key: str | int = 0,
-    reduction: str = "flatten",
+    reduction: Reduction = "flatten",
     output: OutputSelector = 0,
-    precision: str | torch.dtype = "float32",
+    precision: Precision | torch.dtype = "float32",
+    *,
+    other: nn.Module | None = None,
+    other_layers: LayerSpec | None = None,
 ) -> CKAResult:
-    """Minibatch CKA between layers of ``model`` (L x L), or of ``model`` and ``other`` (L x M).
+    """Minibatch CKA between layers of ``model`` (L x L), or of ``model`` and ``reference`` (L x M).
 
     Args:
         model: the network to hook.
@@ -196,14 +211,17 @@ def compare(
             module's input), glob patterns, module types or a preset (``"auto"``, ``"blocks"``,
             ``"sublayers"``, ``"stream"``); see :func:`lightning_cka.layers.resolve_layers`. Rows
             follow the order given.
-        other: a second network run on the same inputs (cross-comparison).
-        other_layers: layers of ``other`` (columns, in the order given); defaults to ``layers``.
+        reference: a second network run on the same inputs (cross-comparison), as in
+            ``CKACallback(reference=...)``.
+        reference_layers: layers of ``reference`` (columns, in the order given); defaults to ``layers``.
         max_batches: stop after this many batches (a positive int; ``None``: all).
         progress: show a progress bar.
         input_key: dict key or tuple index of the model input in a batch.
         reduction: ``"flatten"`` (paper default), ``"mean"`` or ``"cls"``.
         output: element of tuple/dict module outputs to use.
         precision: Gram product dtype, ``"float32"``, ``"bfloat16"`` or ``"float64"``.
+        other: deprecated name of ``reference``.
+        other_layers: deprecated name of ``reference_layers``.
 
     Returns:
         a :class:`CKAResult` with the ``(L, M)`` matrix and the layer names.
@@ -229,18 +247,21 @@ def compare(
         >>> result.matrix.shape
         torch.Size([4, 4])
     """
+    reference = _renamed("other", other, "reference", reference)
+    reference_layers = _renamed("other_layers", other_layers, "reference_layers", reference_layers)
+    other, other_layers = reference, reference_layers
     dtype = _check_arguments(model, dataloader, other, max_batches, input_key, reduction, output, precision)
     rows = resolve_layers(model, layers, "layers")
     cols = rows
     if other is not None:
-        cols = resolve_layers(other, other_layers if other_layers is not None else layers, "other_layers")
+        cols = resolve_layers(other, other_layers if other_layers is not None else layers, "reference_layers")
     capture = GramCapture.for_layers(model, rows, reduction, output, dtype)
     other_capture = None
     if other is not None:
         other_capture = GramCapture.for_layers(other, cols, reduction, output, dtype)
-    metric = MinibatchCKA(precision=dtype, layer_names=rows, other_layer_names=cols if other is not None else None).to(
-        _device(model)
-    )
+    metric = MinibatchCKA(
+        precision=dtype, layer_names=rows, reference_layer_names=cols if other is not None else None
+    ).to(_device(model))
     total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -72,14 +73,17 @@ class MinibatchCKA(Metric):
     Args:
         num_layers: ``L``, the number of row layers. Fixed by the first update when ``None``;
             pass it when some process may see no data (DDP) so all states have one shape.
-        num_other_layers: ``M`` for cross-similarity, ``None`` for self-similarity or to fix
-            it at the first update.
+        num_reference_layers: ``M``, the number of column layers (a reference model's, or any
+            second set) for cross-similarity; ``None`` for self-similarity or to fix it at the
+            first update.
         precision: dtype of the Gram matrix products: ``"float32"`` (default; activations in
             bf16/fp16 are upcast), ``"bfloat16"`` (faster on hardware with bf16 matmuls,
             ~1e-4 error) or ``"float64"`` (reference work); or the dtype itself. ``None`` uses
             the activation dtype, at least float32. Sums are float64 regardless.
         layer_names: optional row names, used by :meth:`plot` and in warnings; they fix ``L``.
-        other_layer_names: optional column names; they fix ``M`` (cross-similarity).
+        reference_layer_names: optional column names; they fix ``M`` (cross-similarity).
+        num_other_layers: deprecated name of ``num_reference_layers``.
+        other_layer_names: deprecated name of ``reference_layer_names``.
         kwargs: passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ...).
 
     Raises:
@@ -120,12 +124,19 @@ class MinibatchCKA(Metric):
     def __init__(
         self,
         num_layers: int | None = None,
-        num_other_layers: int | None = None,
+        num_reference_layers: int | None = None,
         precision: Precision | torch.dtype | None = "float32",
         layer_names: Sequence[str] | None = None,
+        reference_layer_names: Sequence[str] | None = None,
+        *,
+        num_other_layers: int | None = None,
         other_layer_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        num_other_layers = _renamed("num_other_layers", num_other_layers, "num_reference_layers", num_reference_layers)
+        other_layer_names = _renamed(
+            "other_layer_names", other_layer_names, "reference_layer_names", reference_layer_names
+        )
         num_layers = _check_count(num_layers, "num_layers")
         num_other_layers = _check_count(num_other_layers, "num_other_layers")
         names = _check_names(layer_names, "layer_names")
@@ -156,6 +167,11 @@ class MinibatchCKA(Metric):
         #: Minibatches skipped on this process because they had fewer than 4 examples.
         self.num_skipped_small = 0
         self._cross: bool | None = None if num_layers is None else num_other_layers is not None
+
+    @property
+    def reference_layer_names(self) -> list[str] | None:
+        """Column names (``None`` when not given)."""
+        return self.other_layer_names
 
     # ------------------------------------------------------------------ update
     def update(
@@ -463,3 +479,13 @@ class MinibatchCKA(Metric):
         for name, value in _zero_state(rows, cols, self.sum_xy.device).items():
             if name != "num_batches":
                 setattr(self, name, value)
+
+
+def _renamed(old: str, old_value: Any, new: str, new_value: Any) -> Any:
+    """The value of a renamed argument, accepting its old name for one release (with a warning)."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise TypeError(f"Pass `{new}` only; `{old}` is its deprecated name.")
+    warnings.warn(f"`{old}` is deprecated; use `{new}` (same meaning).", DeprecationWarning, stacklevel=3)
+    return old_value

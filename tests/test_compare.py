@@ -413,7 +413,7 @@ BAD_ARGUMENTS = {
     "precision_name": ({"precision": "float16"}, ValueError, ["precision", "'float16'"]),
     "precision_dtype": ({"precision": torch.int8}, ValueError, ["precision", "torch.int8"]),
     "precision_unhashable": ({"precision": ["float32"]}, ValueError, ["precision", "['float32']"]),
-    "other_not_module": ({"other": "resnet18"}, TypeError, ["other", "str"]),
+    "reference_not_module": ({"reference": "resnet18"}, TypeError, ["reference", "str"]),
     "input_key": ({"input_key": 1.0}, TypeError, ["input_key", "1.0"]),
     "output": ({"output": None}, TypeError, ["output", "None"]),
 }

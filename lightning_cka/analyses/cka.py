@@ -114,10 +114,10 @@ class ReferenceCKA(_CKAHeatmap):
         self.col_labels = list(context.reference_short_names or context.reference_layers)
         self.metric = MinibatchCKA(
             num_layers=len(self.rows),
-            num_other_layers=len(self.cols),
+            num_reference_layers=len(self.cols),
             precision=context.precision,
             layer_names=self.rows,
-            other_layer_names=self.cols,
+            reference_layer_names=self.cols,
         )
         self._sum_over_ranks = context.sum_over_ranks
         return True
