@@ -37,6 +37,7 @@ __all__ = [
     "mean_attention_distance",
     "patch_distances",
     "plot_attention_distances",
+    "uniform_attention_distance",
 ]
 
 
@@ -222,6 +223,8 @@ class AttentionDistanceCapture:
         self.layers: list[str] = [layer.name for layer in self._layers]
         self.metric = AttentionDistance([layer.heads for layer in self._layers])
         self._image_size: list[tuple[int, int] | None] = [None] * len(self._vits)
+        #: Per ViT, the ``(grid, patch size)`` of the last measured batch.
+        self.geometry: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
         self._warned: set[str] = set()
 
     def attach(self, hooks: HookSet) -> None:
@@ -267,6 +270,7 @@ class AttentionDistanceCapture:
                     x = x[: self.max_examples_per_batch]
                 prefix = int(getattr(self._vits[layer.vit], "num_prefix_tokens", 0))
                 grid, patch = self._geometry(layer.vit, x.shape[1] - prefix)
+                self.geometry[layer.vit] = (grid, patch)
                 with torch.no_grad():
                     sums, counts = None, None
                     for chunk in x.split(self.chunk_size):
@@ -298,11 +302,35 @@ class AttentionDistanceCapture:
 _BLOCK_INDEX = re.compile(r"(?:^|\.)blocks\.(\d+)(?:\.|$)")
 
 
-def plot_attention_distances(values: dict[str, Tensor], title: str | None = None, ax: Any = None) -> tuple[Any, Any]:
+def uniform_attention_distance(grid: tuple[int, int], patch_size: tuple[int, int]) -> tuple[float, float]:
+    """``(uniform, largest)``: the mean attention distance (pixels) of a head attending uniformly
+    to every patch, and the largest value a head can reach (every query attending only to its
+    farthest patch). A measured distance means something only against these two.
+
+    Example:
+        >>> uniform, largest = uniform_attention_distance((8, 8), (4, 4))
+        >>> round(uniform, 2), round(largest, 2)
+        (16.55, 31.43)
+    """
+    dist = patch_distances(grid, patch_size, dtype=torch.float64)
+    return float(dist.mean()), float(dist.amax(dim=1).mean())
+
+
+def plot_attention_distances(
+    values: dict[str, Tensor],
+    title: str | None = None,
+    ax: Any = None,
+    uniform: float | None = None,
+    largest: float | None = None,
+) -> tuple[Any, Any]:
     """Scatter of mean attention distance (pixels) against layer index, one point per head
-    (the paper's Figure 3); one colour per model when ``values`` holds several. Returns ``(fig, ax)``."""
+    (the paper's Figure 3); one colour per model when ``values`` holds several. ``uniform`` and
+    ``largest`` (see :func:`uniform_attention_distance`) draw the uniform-attention line and fix
+    the y range to the possible one. Returns ``(fig, ax)``."""
     from lightning_cka.plotting import plot_series
 
+    hlines = {"uniform attention": uniform} if uniform is not None else None
+    ylim = (0.0, largest * 1.02) if largest is not None else None
     groups: dict[str, tuple[list[float], list[list[float]]]] = {}
     for name, heads in values.items():
         match = _BLOCK_INDEX.search(name)
@@ -317,10 +345,13 @@ def plot_attention_distances(values: dict[str, Tensor], title: str | None = None
             x=xs,
             ax=axes,
             title=title,
-            xlabel="layer",
+            xlabel="block",
             ylabel="mean attention distance (pixels)",
             scatter=True,
+            hlines=hlines,
+            ylim=ylim,
         )
+        hlines = None  # one reference line, drawn with the first model
     if fig is None:
         fig, axes = plot_series({}, ax=ax, title=title, xlabel="layer", ylabel="mean attention distance (pixels)")
     return fig, axes

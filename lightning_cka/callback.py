@@ -19,6 +19,8 @@ from lightning_cka.analyses import (
     Analysis,
     AnalysisSkipped,
     AttentionDistanceAnalysis,
+    Convergence,
+    Localization,
     MeasuredBatch,
     NormRatioAnalysis,
     ReferenceCKA,
@@ -36,7 +38,6 @@ from lightning_cka.metric import resolve_precision
 from lightning_cka.plotting import short_names
 
 __all__ = ["CKACallback"]
-
 
 
 class CKACallback(Callback):
@@ -106,8 +107,22 @@ class CKACallback(Callback):
         attention_distance: measure mean attention distances of its timm ViTs.
         attention_max_examples: examples per batch used for attention distances (recomputing
             attention costs about one extra attention pass per layer); ``None`` for all.
+        convergence: log how far each of ``layers`` moved since the previous and the first measured
+            validation (CKA of the layer with itself then, on the same first examples; see
+            :class:`~lightning_cka.analyses.Convergence`).
+        convergence_max_examples: examples (whole batches, from the start of the validation set)
+            used for convergence; their Gram matrices are kept between validations.
+        probes: fit closed-form linear probes on every one of ``layers`` and log their
+            cross-validated accuracy (see :class:`~lightning_cka.analyses.LinearProbe`).
+        label_key: where the integer class labels sit in a batch (tuple index or dict key).
+        probe_max_examples: examples kept per layer for the probes.
+        probe_folds: folds of the probes' cross-validation.
+        localization: log spatial localization maps of the model's ViT (CKA of each output token
+            with every input patch; see :class:`~lightning_cka.analyses.Localization`).
+        localization_layers: layers whose tokens are mapped; the last block when ``None``.
         analyses: further :class:`~lightning_cka.analyses.Analysis` instances to run in the same
-            loop (each fills ``history`` records under its ``key``).
+            loop (each fills ``history`` records under its ``key``); one with the key of a built-in
+            analysis (e.g. ``Convergence(max_examples=256)``) replaces it.
         strict: raise the callback's own failures instead of warning and skipping (for tests and
             debugging).
 
@@ -142,6 +157,14 @@ class CKACallback(Callback):
         norm_ratio: bool = True,
         attention_distance: bool = True,
         attention_max_examples: int | None = 32,
+        convergence: bool = True,
+        convergence_max_examples: int = 1024,
+        probes: bool = False,
+        label_key: int | str = 1,
+        probe_max_examples: int = 4096,
+        probe_folds: int = 5,
+        localization: bool = False,
+        localization_layers: Sequence[str] | None = None,
         analyses: Sequence[Analysis] = (),
         strict: bool = False,
     ) -> None:
@@ -189,11 +212,18 @@ class CKACallback(Callback):
             self._analyses.append(NormRatioAnalysis())
         if attention_distance:
             self._analyses.append(AttentionDistanceAnalysis(attention_max_examples))
-        self._analyses.extend(analyses)
-        keys = [a.key for a in self._analyses]
+        if convergence:
+            self._analyses.append(Convergence(convergence_max_examples, log_prefix=self.log_prefix))
+        if probes:
+            self._analyses.append(_linear_probe(label_key, probe_max_examples, probe_folds))
+        if localization:
+            self._analyses.append(Localization(localization_layers))
+        keys = [a.key for a in analyses]
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         if duplicated:
             raise ValueError(f"Two analyses fill the same history key(s) {duplicated}; give each its own key.")
+        # An instance passed in `analyses` replaces the one a switch would have built.
+        self._analyses = [a for a in self._analyses if a.key not in keys] + list(analyses)
         self._active_analyses: list[Analysis] = []
         self._hooks = HookSet()
         self._capture: GramCapture | None = None
@@ -205,7 +235,7 @@ class CKACallback(Callback):
         self._validations = 0  # non-sanity validations of `fit` seen, for every_n_epochs
         self._warned: set[tuple[str, str]] = set()
         self._pending_state: dict[str, Any] | None = None
-        self._stage = "fit"
+        self._captioned: set[str] = set()
 
     # ----------------------------------------------------------------- identity
     @property
@@ -225,7 +255,6 @@ class CKACallback(Callback):
                     f"Two CKACallbacks log under the same prefix {self.log_prefix!r}; "
                     "give each its own, e.g. CKACallback(..., log_prefix='cka_mlp')."
                 )
-        self._stage = stage
         self.rows, self._capture = self._capture_layers(pl_module, self.layers, "layers")
         self.cols = []
         if self.reference is not None:
@@ -456,7 +485,9 @@ class CKACallback(Callback):
         for tag, fig in report.figures.items():
             self._guard_sink(f"figure {tag}", log_figure, trainer, tag, fig, step)
         for tag, caption in report.captions.items():
-            self._guard_sink(f"caption {tag}", log_text, trainer, tag, caption, step)
+            if tag not in self._captioned:  # with the first appearance of each image only
+                self._captioned.add(tag)
+                self._guard_sink(f"caption {tag}", log_text, trainer, tag, caption, step)
         if report.layouts:
             self._guard_sink("custom scalars layout", log_custom_scalar_layout, trainer, report.layouts)
         if self.save_matrices:
@@ -522,6 +553,12 @@ class CKACallback(Callback):
         for analysis in self._active_analyses:
             if analysis.key in saved:
                 self._guard(analysis, "load_state_dict", analysis.load_state_dict, saved[analysis.key])
+
+
+def _linear_probe(label_key: int | str, max_examples: int, folds: int) -> Analysis:
+    from lightning_cka.analyses.probe import LinearProbe
+
+    return LinearProbe(label_key=label_key, max_examples=max_examples, folds=folds)
 
 
 def _logging_step(trainer: pl.Trainer) -> int:

@@ -76,18 +76,36 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
         logger.log_metrics(dict(metrics), step=step)
 
 
-def log_custom_scalar_layout(trainer: pl.Trainer, layout: Mapping[str, Mapping[str, list[str]]]) -> None:
-    """Register a TensorBoard custom-scalars layout ``{category: {chart: [tag regex, ...]}}``.
+# Layout already written per TensorBoard writer: several analyses (and several CKACallbacks)
+# contribute charts, and TensorBoard shows one layout per run, so each write is the union.
+_LAYOUTS: dict[int, dict[str, dict[str, list[str]]]] = {}
 
-    Only TensorBoard has this concept; other loggers are left alone.
+
+def log_custom_scalar_layout(trainer: pl.Trainer, layout: Mapping[str, Mapping[str, list[str]]]) -> None:
+    """Add charts to the run's TensorBoard custom-scalars layout ``{category: {chart: [tag regex, ...]}}``.
+
+    Each chart is a multi-line chart: every scalar tag matching one of its regexes is a line,
+    with a legend. The layout written is the union of everything added so far for that
+    writer; nothing is written when ``layout`` adds nothing new. Only TensorBoard has this
+    concept; other loggers are left alone.
     """
     for logger in trainer.loggers:
-        if _is_tensorboard(logger):
-            charts = {
-                category: {chart: ["Multiline", tags] for chart, tags in charts.items()}
-                for category, charts in layout.items()
-            }
-            logger.experiment.add_custom_scalars(charts)
+        if not _is_tensorboard(logger):
+            continue
+        writer = logger.experiment
+        merged = _LAYOUTS.setdefault(id(writer), {})
+        before = repr(merged)
+        for category, charts in layout.items():
+            for chart, tags in charts.items():
+                existing = merged.setdefault(category, {}).setdefault(chart, [])
+                existing.extend(t for t in tags if t not in existing)
+        if repr(merged) != before:
+            writer.add_custom_scalars(
+                {
+                    category: {chart: ["Multiline", tags] for chart, tags in charts.items()}
+                    for category, charts in merged.items()
+                }
+            )
 
 
 def unique_path(path: Path) -> Path:

@@ -328,9 +328,10 @@ def plot_norm_ratios(values: dict[str, float], title: str | None = None, ax: Any
     :meth:`NormRatioCapture.compute`); each line's blocks are numbered in the order given.
     Returns ``(fig, ax)``.
     """
-    from lightning_cka.plotting import plot_series
+    from lightning_cka.plotting import plot_series, short_names
 
     parsed = [(*_split(name), value) for name, value in values.items()]
+    blocks = list(dict.fromkeys(block for block, *_ in parsed))
     # Several models under one root: prefix the lines with the part before "blocks.i"/"layerK.j".
     prefixes = {block.rsplit(".", 2)[0] if block.count(".") >= 2 else "" for block, *_ in parsed}
     series: dict[str, list[float]] = {}
@@ -339,4 +340,14 @@ def plot_norm_ratios(values: dict[str, float], title: str | None = None, ax: Any
         if len(prefixes) > 1:
             label = f"{block.rsplit('.', 2)[0] if block.count('.') >= 2 else ''} {label}".strip()
         series.setdefault(label, []).append(float(value))
-    return plot_series(series, ax=ax, title=title, xlabel="block", ylabel="||z|| / ||f(z)||", logy=True)
+    single_model = len(prefixes) == 1 and all(len(v) == len(blocks) for v in series.values())
+    return plot_series(
+        series,
+        ax=ax,
+        title=title,
+        xlabel="block",
+        ylabel="||z|| / ||f(z)||  (log scale)",
+        logy=True,
+        xticklabels=short_names(blocks) if single_model else None,
+        hlines={"||z|| = ||f(z)||": 1.0},
+    )

@@ -15,11 +15,18 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-__all__ = ["figure_to_array", "plot_cka_heatmap", "plot_series"]
+__all__ = ["figure_to_array", "plot_cka_heatmap", "plot_series", "short_names"]
 
-_MAX_TICKS = 32
+#: Most tick labels drawn along one heatmap axis; more layers are labelled every k-th.
+_MAX_TICKS = 24
+
+
+def _label_size(count: int) -> float:
+    """Tick label font size (points) for ``count`` labels on a ~5-inch axis: large for a few
+    layers, never below 6 pt."""
+    return float(np.clip(150.0 / max(count, 1), 6.0, 11.0))
 
 
 def _ticks(ax_set_ticks: Any, ax_set_labels: Any, names: Sequence[str] | None, size: int) -> None:
@@ -28,7 +35,7 @@ def _ticks(ax_set_ticks: Any, ax_set_labels: Any, names: Sequence[str] | None, s
     step = max(1, int(np.ceil(size / _MAX_TICKS)))
     idx = list(range(0, size, step))
     ax_set_ticks(idx)
-    ax_set_labels([names[i] for i in idx], fontsize=7)
+    ax_set_labels([names[i] for i in idx], fontsize=_label_size(len(idx)))
 
 
 def plot_cka_heatmap(
@@ -53,8 +60,9 @@ def plot_cka_heatmap(
         raise ValueError(f"Expected a 2-D CKA matrix, got shape {values.shape}.")
     n_rows, n_cols = values.shape
     if ax is None:
-        side = float(np.clip(3.0 + 0.18 * max(n_rows, n_cols), 4.0, 12.0))
-        fig = Figure(figsize=(side + 1.2, side), dpi=100)
+        # One size for every layer count (readable at TensorBoard's default image width);
+        # labels are thinned and their font chosen for the count instead.
+        fig = Figure(figsize=(6.4, 5.6), dpi=100)
         ax = fig.add_subplot()
     else:
         fig = ax.get_figure()  # type: ignore[assignment]
@@ -71,7 +79,7 @@ def plot_cka_heatmap(
     if ylabel:
         ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return fig, ax
 
@@ -85,11 +93,20 @@ def plot_series(
     ylabel: str = "",
     scatter: bool = False,
     logy: bool = False,
+    xticklabels: Sequence[str] | None = None,
+    hlines: Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | None = None,
 ) -> tuple[Figure, Axes]:
     """Lines (or scatter points) of named series against a shared x axis; returns ``(fig, ax)``.
 
     With ``scatter=True`` each value of a series may itself be a sequence (e.g. one point per
     attention head), drawn as several points at the same x.
+
+    Args:
+        xticklabels: names of the x positions ``0, 1, ...`` (e.g. short layer names), drawn
+            instead of numbers.
+        hlines: labelled horizontal reference lines (chance level, uniform attention, ...).
+        ylim: fixed y range (e.g. the possible range of the quantity).
     """
     if ax is None:
         fig = Figure(figsize=(7.0, 4.5), dpi=100)
@@ -104,16 +121,28 @@ def plot_series(
             ax.scatter(px, py, s=14, alpha=0.8, label=label)
         else:
             ax.plot(xs[: len(values)], list(values), marker="o", markersize=3, label=label)
+    for index, (label, value) in enumerate((hlines or {}).items()):
+        ax.axhline(value, color="0.35", linestyle=("--", ":", "-.")[index % 3], linewidth=1.2, label=label)
     if logy:
         ax.set_yscale("log")
-    if all(float(v).is_integer() for v in (x if x is not None else [0])):
+        # plain numbers (0.5, 2, 10) rather than powers of ten
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if xticklabels is not None:
+        positions = list(range(len(xticklabels)))
+        step = max(1, int(np.ceil(len(positions) / _MAX_TICKS)))
+        ax.set_xticks(positions[::step])
+        ax.set_xticklabels(list(xticklabels)[::step], rotation=90, fontsize=_label_size(len(positions[::step])))
+    elif all(float(v).is_integer() for v in (x if x is not None else [0])):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title)
-    if series:
-        ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=11)
+    if series or hlines:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig, ax

@@ -360,6 +360,8 @@ def test_plot_norm_ratios_one_line_per_unit_and_group() -> None:
     }
     _fig, ax = plot_norm_ratios(values, title="ratios")
     lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
-    assert set(lines) == {"attn cls", "attn spatial", "mlp cls", "mlp spatial"}
+    assert set(lines) == {"attn cls", "attn spatial", "mlp cls", "mlp spatial", "||z|| = ||f(z)||"}
     assert lines["mlp cls"] == [4.0, 14.0, 24.0]
+    assert lines["||z|| = ||f(z)||"] == [1.0, 1.0]  # the reference line where the two norms are equal
     assert ax.get_yscale() == "log" and ax.get_title() == "ratios"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["blocks.0", "blocks.1", "blocks.2"]

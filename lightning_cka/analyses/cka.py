@@ -54,7 +54,16 @@ class _CKAHeatmap(Analysis):
             value.matrix, self.row_labels, self.col_labels, title=title, xlabel=self.xlabel, ylabel="layer"
         )
         tag = f"{self.log_prefix}/{self.key}"
-        return Report(scalars=self.summary(value), figures={tag: fig}, matrices={self.key: value})
+        report = Report(scalars=self.summary(value), figures={tag: fig}, matrices={self.key: value})
+        report.captions[tag] = self.caption
+        report.layouts = {f"{self.log_prefix} {self.key}": self.charts()}
+        return report
+
+    caption: ClassVar[str]
+
+    def charts(self) -> dict[str, list[str]]:
+        """TensorBoard custom-scalar charts of this heatmap's summary scalars."""
+        raise NotImplementedError
 
     def summary(self, value: CKAResult) -> dict[str, float]:
         raise NotImplementedError
@@ -71,6 +80,19 @@ class SelfCKA(_CKAHeatmap):
     key = "self"
     title = "Self CKA"
     xlabel = "layer"
+    caption = (
+        "Minibatch CKA between every pair of the chosen layers (1 = same representation up to rotation and "
+        "scale, 0 = unrelated). Bright blocks are groups of layers that represent the input alike. On ViT "
+        "sublayers (attn/mlp branches) an early checkerboard is expected: attention and MLP outputs differ "
+        "from each other; the residual stream (layers='stream') is far more uniform (Raghu et al. 2021)."
+    )
+
+    def charts(self) -> dict[str, list[str]]:
+        prefix = f"{self.log_prefix}/self"
+        return {
+            "CKA of each layer to the last": [f"{prefix}/to_last/.*"],
+            "mean CKA of adjacent layers": [f"{prefix}/adjacent_mean"],
+        }
 
     def setup(self, context: SetupContext) -> bool:
         self.rows = self.cols = list(context.layers)
@@ -105,6 +127,15 @@ class ReferenceCKA(_CKAHeatmap):
     key = "reference"
     title = "Model x reference CKA"
     xlabel = "reference layer"
+    caption = (
+        "Minibatch CKA between each layer of the trained model (rows) and each layer of the reference model "
+        "(columns) on the same inputs. A bright diagonal band means the two models build their "
+        "representations in the same order; the best-matching column of each row is summarised in "
+        "best_match_mean."
+    )
+
+    def charts(self) -> dict[str, list[str]]:
+        return {"mean best-match CKA to the reference": [f"{self.log_prefix}/reference/best_match_mean"]}
 
     def setup(self, context: SetupContext) -> bool:
         if context.reference is None:

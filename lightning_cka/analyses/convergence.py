@@ -31,8 +31,9 @@ from lightning_cka.analyses.base import Analysis, AnalysisSkipped, MeasuredBatch
 from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelector, extract_input
 from lightning_cka.compare import CKAResult, eval_mode, to_model_input
 from lightning_cka.compiled import EagerWhileMeasuring
+from lightning_cka.functional import resolve_precision
 from lightning_cka.layers import LayerSpec, resolve_layers
-from lightning_cka.metric import MinibatchCKA, resolve_precision
+from lightning_cka.metric import MinibatchCKA
 from lightning_cka.plotting import short_names
 
 __all__ = ["AGAINST", "Convergence", "convergence"]
@@ -67,7 +68,7 @@ _CAPTION = (
 )
 
 
-@dataclass
+@dataclass(eq=False)
 class _Kept:
     """What is kept of one validation batch: its Gram matrices and a fingerprint of its inputs.
 
@@ -158,8 +159,8 @@ class Convergence(Analysis):
     the same layer's kept Grams of (a) the previous and (b) the first measured validation, batch
     by batch on the same examples, with the minibatch CKA of :class:`~lightning_cka.MinibatchCKA`
     (Nguyen et al. 2021). No second model and no extra forward pass. This is the SVCCA
-    convergence analysis of Raghu et al. 2017 done with CKA while training: layers that settle
-    bottom-up reach CKA ~1 with their previous state from the bottom up.
+    convergence analysis of Raghu et al. 2017 done with CKA while training: in a network that
+    settles bottom-up, the lower layers reach CKA ~1 with their previous state first.
 
     Value stored in ``CKACallback.history[i]["convergence"]``: ``{"previous": {layer: cka},
     "first": {layer: cka}}`` (floats; NaN where undefined). The first measured validation has
@@ -223,8 +224,8 @@ class Convergence(Analysis):
         >>> value = validate(torch.cos)  # layer "b" changed, layer "a" did not
         >>> round(value["previous"]["a"], 6), value["previous"]["b"] < 0.99
         (1.0, True)
-        >>> analysis.kept_memory()  # 2 batches of 8 (16 examples) x 2 layers x 36 floats + fingerprints
-        640
+        >>> analysis.kept_memory(), Convergence.kept_bytes(num_layers=2, max_examples=16, batch_size=8)
+        (1280, 1280)
     """
 
     key = "convergence"
@@ -251,7 +252,6 @@ class Convergence(Analysis):
         self._current: list[_Kept] = []
         self._kept_examples = 0
         self._position = 0
-        self._compared = 0
         self._differs: Tensor | None = None
         self._causes: set[str] = set()
         self._in_progress = False
@@ -309,10 +309,10 @@ class Convergence(Analysis):
         self._to_previous, self._to_first = (
             MinibatchCKA(
                 num_layers=num,
-                num_other_layers=num,
+                num_reference_layers=num,
                 precision=context.precision,
                 layer_names=layers,
-                other_layer_names=layers,
+                reference_layer_names=layers,
             )
             for _ in range(2)
         )
@@ -333,13 +333,13 @@ class Convergence(Analysis):
         self._in_progress = True
         self._to_previous.to(device).reset()
         self._to_first.to(device).reset()
+        moved = {id(k): k.to(device) for k in self._first or ()}  # keep `previous` sharing `first`'s tensors
         if self._first is not None:
-            self._first = [k.to(device) for k in self._first]
+            self._first = [moved[id(k)] for k in self._first]
         if self._previous is not None:
-            moved = {id(k): k.to(device) for k in self._first or ()}
             self._previous = [None if k is None else moved.get(id(k)) or k.to(device) for k in self._previous]
         self._current = []
-        self._kept_examples = self._position = self._compared = 0
+        self._kept_examples = self._position = 0
         self._differs = torch.zeros((), dtype=torch.bool, device=device)
         self._causes = set()
 
@@ -376,7 +376,6 @@ class Convergence(Analysis):
                 self._differs |= _fingerprints_differ(fingerprint, previous.fingerprint, x.numel())
                 self._to_previous.update_grams(k, _unpack(previous.grams, n).to(k.device))
                 self._to_first.update_grams(k, _unpack(first.grams, n).to(k.device))
-                self._compared += 1
             self._previous[i] = None  # free it now (its Grams live on in `first` when shared)
         elif self._previous is not None:
             self._causes.add("more")
@@ -395,8 +394,7 @@ class Convergence(Analysis):
         assert self._to_previous is not None and self._to_first is not None
         self._in_progress = False
         has_reference = self._previous is not None
-        if has_reference and self._compared + len(self._causes & {"shape"}) < len(self._previous or ()):
-            # `shape` mismatches count as seen batches; anything else missing is "fewer"
+        if any(k is not None for k in self._previous or ()):  # kept batches that no batch came for
             self._causes.add("fewer")
         device = self._to_previous.sum_xy.device
         differs = self._differs if self._differs is not None else torch.zeros((), dtype=torch.bool, device=device)
@@ -453,13 +451,17 @@ class Convergence(Analysis):
         from lightning_cka.plotting import plot_cka_heatmap
 
         prefix = f"{self.log_prefix}/convergence"
-        scalars = {f"{prefix}/{against}/{layer}": float(v) for against in ("previous", "first") for layer, v in value[against].items()}
+        scalars = {
+            f"{prefix}/{against}/{layer}": float(v)
+            for against in ("previous", "first")
+            for layer, v in value[against].items()
+        }
         report = Report(scalars=scalars)
         if self.curve:
             matrix = torch.tensor([entry["previous"] for entry in self.curve], dtype=torch.float64).T
             epochs = [entry["epoch"] for entry in self.curve]
             unique = len(set(epochs)) == len(epochs)
-            cols = [str(e) if unique else f"{e} (step {entry['step']})" for e, entry in zip(epochs, self.curve, strict=True)]
+            cols = [str(e["epoch"]) if unique else f"{e['epoch']} (step {e['step']})" for e in self.curve]
             fig, _ = plot_cka_heatmap(
                 matrix,
                 self.labels,
@@ -484,7 +486,7 @@ class Convergence(Analysis):
             "kept": None,
             "kept_mb": self.kept_memory() / 1e6,
         }
-        if self._in_progress or self._first is None or self._previous is None or None in self._previous:
+        if self._in_progress or self._first is None or self._previous is None or any(k is None for k in self._previous):
             state["kept_skipped"] = "no complete reference"
         elif self._world_size > 1:
             state["kept_skipped"] = "each process keeps the Grams of its own examples"
@@ -577,7 +579,7 @@ def convergence(
     ``models[t]`` and layer ``l`` of ``models[s]``, with ``s`` the last model (``"last"``, the
     SVCCA convergence plot: lower layers reach 1 first), the first one (``"first"``: how far each
     layer moved from initialisation) or ``t - 1`` (``"previous"``; row 0 is NaN). Row ``t``
-    equals the diagonal of ``compare(models[t], dataloader, layers, other=models[s])``.
+    equals the diagonal of ``compare(models[t], dataloader, layers, reference=models[s])``.
 
     Args:
         models: the checkpoints' networks, in training order (same architecture).
@@ -615,7 +617,9 @@ def convergence(
         (torch.Size([3, 2]), [1.0, 1.0])
     """
     if isinstance(models, nn.Module) or not isinstance(models, Sequence):
-        raise ValueError(f"`models` must be a sequence of nn.Module (checkpoints in order), got {type(models).__name__}.")
+        raise ValueError(
+            f"`models` must be a sequence of nn.Module (checkpoints in order), got {type(models).__name__}."
+        )
     models = list(models)
     if not models:
         raise ValueError("`models` is empty; pass the checkpoints' networks in training order.")
@@ -628,7 +632,8 @@ def convergence(
         raise ValueError("`against='previous'` needs at least two models.")
     if isinstance(dataloader, Tensor):
         raise TypeError(
-            f"`dataloader` is a single tensor of shape {tuple(dataloader.shape)}; pass a DataLoader or a list of batches."
+            f"`dataloader` is a single tensor of shape {tuple(dataloader.shape)}; "
+            "pass a DataLoader or a list of batches."
         )
     if max_batches is not None:
         _check_positive_int(max_batches, "max_batches")
@@ -653,7 +658,11 @@ def convergence(
     rows = [t for t in range(len(models)) if against != "previous" or t > 0]
     metrics = {
         t: MinibatchCKA(
-            num_layers=len(names), num_other_layers=len(names), precision=dtype, layer_names=names, other_layer_names=names
+            num_layers=len(names),
+            num_reference_layers=len(names),
+            precision=dtype,
+            layer_names=names,
+            reference_layer_names=names,
         ).to(device)
         for t in rows
     }

@@ -180,8 +180,8 @@ def localization_summary(matrix: Tensor) -> dict[str, float]:
     value count as misses).
 
     Example:
-        >>> localization_summary(torch.tensor([[0.9, 0.1], [0.8, 0.3]]))
-        {'diagonal': 0.6000000238418579, 'hit_rate': 0.5}
+        >>> localization_summary(torch.tensor([[0.75, 0.5], [0.5, 0.25]]))
+        {'diagonal': 0.5, 'hit_rate': 0.5}
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
         raise ValueError(f"Expected a square (T, T) matrix, got shape {tuple(matrix.shape)}.")
@@ -340,17 +340,24 @@ def _alias(spec: LayerSpec, backbone: Backbone) -> LayerSpec:
 
 
 def _resolve(root: nn.Module, backbone: Backbone, spec: LayerSpec, what: str) -> list[str]:
-    """Names under ``root`` for ``spec``: relative to ``root`` first, else relative to the backbone."""
+    """Names under ``root`` for ``spec``: each entry relative to ``root`` first, else to the backbone."""
     spec = _alias(spec, backbone)
-    try:
-        return list(hook_points(root, spec, what))
-    except ValueError as err:
-        if not backbone.name:
-            raise
+    items: Sequence[Any] = [spec] if isinstance(spec, str | type) else list(spec)
+    names: list[str] = []
+    for item in items:
         try:
-            return [backbone.qualify(name) for name in hook_points(backbone.module, spec, what)]
-        except ValueError:
-            raise err from None
+            found = list(hook_points(root, item, what))
+        except ValueError as err:
+            if not backbone.name:
+                raise
+            try:
+                found = [backbone.qualify(name) for name in hook_points(backbone.module, item, what)]
+            except ValueError:
+                raise err from None
+        names.extend(n for n in found if n not in names)
+    if not names:
+        raise ValueError(f"`{what}` is empty.")
+    return names
 
 
 def _vit_of(root: nn.Module, name: str | None = None) -> Backbone:
@@ -391,7 +398,7 @@ class _TokenGramCapture:
         self._embed = module_map(root)[backbone.qualify(_embedding(backbone))]
         points = hook_points(root, [*self.layers, reference])
         self._points = [points[name] for name in dict.fromkeys([*self.layers, reference])]
-        self._prefix = {}
+        self._prefix: dict[str, int] = {}
         for point in self._points:
             owner = backbone_of(root, point.name)
             self._prefix[point.name] = (owner if owner is not None and owner.is_vit else backbone).num_prefix_tokens
@@ -502,20 +509,16 @@ def _new_metric(layers: Sequence[str], grid: Grid, precision: torch.dtype | None
         return MinibatchCKA(
             precision=precision,
             layer_names=[f"{layer} {label}" for layer in layers for label in labels],
-            other_layer_names=labels,
+            reference_layer_names=labels,
         ).to(device)
 
 
-def _result(matrix: Tensor, grid: Grid, layer: str, reference: str, batches: int) -> CKAResult:
+def _result(matrix: Tensor, grid: Grid, layer: str, reference: str, batches: int | None = None) -> CKAResult:
     labels = grid_labels(grid)
-    meta = {"grid_h": grid[0], "grid_w": grid[1], "layer": layer, "reference_layer": reference, "batches": batches}
+    meta: dict[str, Any] = {"grid_h": grid[0], "grid_w": grid[1], "layer": layer, "reference_layer": reference}
+    if batches is not None:
+        meta["batches"] = batches
     return CKAResult(matrix, list(labels), list(labels), meta)
-
-
-def _device(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------- offline
@@ -574,7 +577,9 @@ def localization(
         raise TypeError("`dataloader` is a single tensor; pass a DataLoader or a list of batches, e.g. [tensor].")
     if not isinstance(layer, str) or not isinstance(reference_layer, str):
         raise TypeError("`layer` and `reference_layer` must be layer names (str).")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
     try:
         dtype = resolve_precision(precision)  # type: ignore[arg-type]
@@ -587,7 +592,6 @@ def localization(
     capture = _TokenGramCapture(model, vit, [row], reference, dtype)
     metric: MinibatchCKA | None = None
     grid: Grid | None = None
-    device = _device(model)
     total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
@@ -622,7 +626,6 @@ def localization(
             f"localization() saw no usable batch out of {seen}: the dataloader was empty, or every batch had fewer "
             f"than {MIN_EXAMPLES} examples or non-finite activations."
         )
-    del device
     return _result(metric.compute().cpu(), grid, row, reference, used)
 
 
@@ -688,10 +691,10 @@ class Localization(Analysis):
             raise ValueError(f"localization max_examples must be a positive int or None, got {max_examples!r}.")
         if max_examples is not None and max_examples < MIN_EXAMPLES:
             raise ValueError(f"localization max_examples must be at least {MIN_EXAMPLES}, got {max_examples}.")
-        if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
-            layers = [layers] if isinstance(layers, str) else layers
-            if not all(isinstance(n, str) for n in layers):
-                raise TypeError(f"localization layers must be a sequence of layer names, got {layers!r}.")
+        if isinstance(layers, str):
+            layers = [layers]
+        if layers is not None and (not layers or not all(isinstance(n, str) for n in layers)):
+            raise TypeError(f"localization layers must be a non-empty sequence of layer names, got {layers!r}.")
         if reference_layer is not None and not isinstance(reference_layer, str):
             raise TypeError(f"localization reference_layer must be a layer name, got {reference_layer!r}.")
         self.layers = None if layers is None else list(layers)
@@ -791,8 +794,7 @@ class Localization(Analysis):
         for layer, entry in value.items():
             grid = tuple(entry["grid"])
             reference = entry.get("reference_layer", self.reference)
-            result = _result(entry["matrix"], (int(grid[0]), int(grid[1])), layer, reference, 0)
-            del result.meta["batches"]
+            result = _result(entry["matrix"], (int(grid[0]), int(grid[1])), layer, reference)
             tag = f"localization/{layer}"
             title = f"Localization of {layer} vs {reference}, epoch {epoch} (step {step})"
             report.figures[tag], _ = plot_localization(result, title=title)  # type: ignore[assignment]

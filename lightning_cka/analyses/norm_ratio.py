@@ -17,8 +17,8 @@ class NormRatioAnalysis(Analysis):
     """Norm ratios of the residual units of the timm/torchvision ViT and ResNet blocks found in
     the LightningModule (see :mod:`lightning_cka.norm_ratio`); off for other architectures.
 
-    Logs scalars ``norm_ratio/<block>/<unit>/<tokens>``, the figure ``norm_ratio/curves`` and,
-    once, a TensorBoard custom-scalars layout with one chart per unit and token group.
+    Logs scalars ``norm_ratio/<block>/<unit>/<tokens>``, the figure ``norm_ratio/curves`` and
+    a TensorBoard custom-scalars layout with one chart per unit and token group.
     """
 
     key = "norm_ratio"
@@ -26,12 +26,10 @@ class NormRatioAnalysis(Analysis):
 
     def __init__(self) -> None:
         self.capture: NormRatioCapture | None = None
-        self._layout_logged = False
 
     def setup(self, context: SetupContext) -> bool:
         units = find_residual_units(context.module)
         self.capture = NormRatioCapture(context.module, units) if units else None
-        self._layout_logged = False
         return self.capture is not None
 
     def attach(self, hooks: HookSet) -> None:
@@ -60,9 +58,13 @@ class NormRatioAnalysis(Analysis):
             scalars={f"norm_ratio/{series}": ratio for series, ratio in value.items()},
             figures={"norm_ratio/curves": fig},
         )
-        if not self._layout_logged:
-            report.layouts = {"norm_ratio": _layout(value)}
-            self._layout_logged = True
+        report.layouts = {"norm ratio": _layout(value)}
+        report.captions["norm_ratio/curves"] = (
+            "Skip-connection norm ratio ||z|| / ||f(z)|| of every residual unit (log scale): how much larger the "
+            "residual stream is than what each block adds to it. Above 1, the skip connection dominates. "
+            "Raghu et al. 2021 find much larger ratios in ViTs than in ResNets, and the CLS token and the "
+            "spatial tokens swapping roles about halfway through a ViT."
+        )
         return report
 
 
@@ -71,5 +73,5 @@ def _layout(ratios: Mapping[str, float]) -> dict[str, list[str]]:
     charts: dict[str, list[str]] = {}
     for series in ratios:
         _, unit, group = series.rsplit("/", 2)
-        charts.setdefault(f"{unit}/{group}", [f"norm_ratio/.*/{unit}/{group}$"])
+        charts.setdefault(f"{unit} unit, {group} tokens, per block", [f"norm_ratio/.*/{unit}/{group}$"])
     return charts
