@@ -1,7 +1,7 @@
 """Compare two checkpoints of a ViT offline with ``lightning_cka.compare()``.
 
 Which layers changed between two checkpoints (early vs late in training, two seeds, before vs
-after fine-tuning)? ``compare(model_a, loader, other=model_b)`` runs both models on the same
+after fine-tuning)? ``compare(model_a, loader, reference=model_b)`` runs both models on the same
 batches and returns the layer x layer CKA matrix between them; its diagonal is "how similar is
 layer i of A to layer i of B".
 
@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> CKAResult:
         model_a,
         val_loader,
         layers="auto",  # the output of every transformer block
-        other=model_b,
+        reference=model_b,
         max_batches=args.max_batches,
         progress=not args.no_progress,
     )

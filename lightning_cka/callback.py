@@ -357,6 +357,9 @@ class CKACallback(Callback):
         self._hooks.remove()
         if self._measuring and dataloader_idx == self.dataloader_idx and not self._capped():
             self._arm()
+        else:
+            for eager in self._eager:  # batches that are not measured run compiled again
+                eager.exit()
 
     def _arm(self) -> None:
         for eager in self._eager:

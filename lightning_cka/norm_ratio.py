@@ -8,6 +8,9 @@ positions and examples (a mean of ratios, streamed as a sum and a count).
   ``mlp``: z = input of ``norm2``, f(z) = output of ``ls2``. Tokens are split into groups
   ``"cls"`` (token 0, when the model has a class token) and ``"spatial"`` (the patch tokens
   after ``num_prefix_tokens``); register tokens belong to neither.
+- torchvision ViT ``EncoderBlock``: the same two units. ``attn``: z = input of ``ln_1``,
+  f(z) = output of ``dropout`` (the attention output added to z); ``mlp``: z = input of
+  ``ln_2``, f(z) = output of ``mlp``. Token 0 is the class token.
 - ResNet blocks (timm and torchvision ``BasicBlock`` / ``Bottleneck``): one unit
   ``residual``: z = output of ``downsample`` (else the block input), f(z) = the branch just
   before the addition (timm: ``drop_path``, else ``se``, else the last batch norm;
@@ -158,6 +161,25 @@ def _vit_units(prefix: str, vit: nn.Module) -> list[ResidualUnit]:
     return units
 
 
+def _tv_vit_units(prefix: str, vit: nn.Module) -> list[ResidualUnit]:
+    """torchvision ``EncoderBlock``: ``x = input + dropout(self_attention(ln_1(input)))``,
+    ``out = x + mlp(ln_2(x))``; one class token in front of the patches."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    units = []
+    for name, block in vit.encoder.layers.named_children():  # type: ignore[union-attr]
+        if not isinstance(block, EncoderBlock):
+            continue
+        block_name = f"{prefix}encoder.layers.{name}"
+        for unit, norm, branch in (("attn", "ln_1", "dropout"), ("mlp", "ln_2", "mlp")):
+            units.append(
+                ResidualUnit(
+                    block_name, unit, ("cls", "spatial"), f"{block_name}.{norm}", True, f"{block_name}.{branch}", -1, 1
+                )
+            )
+    return units
+
+
 def _resnet_units(prefix: str, resnet: nn.Module) -> list[ResidualUnit]:
     types = _resnet_block_types()
     units = []
@@ -181,7 +203,8 @@ def _resnet_units(prefix: str, resnet: nn.Module) -> list[ResidualUnit]:
 
 
 def find_residual_units(root: nn.Module) -> list[ResidualUnit]:
-    """Residual units of every timm ViT ``Block`` and timm/torchvision ResNet block under
+    """Residual units of every timm ViT ``Block``, torchvision ViT ``EncoderBlock`` and
+    timm/torchvision ResNet block under
     ``root`` (found by module type through :func:`~lightning_cka.layers.find_backbones`),
     in module order; names are relative to ``root``."""
     units: list[ResidualUnit] = []
@@ -189,6 +212,8 @@ def find_residual_units(root: nn.Module) -> list[ResidualUnit]:
         prefix = f"{backbone.name}." if backbone.name else ""
         if backbone.kind == "vit":
             units.extend(_vit_units(prefix, backbone.module))
+        elif backbone.kind == "tv_vit":
+            units.extend(_tv_vit_units(prefix, backbone.module))
         elif backbone.kind == "resnet":
             units.extend(_resnet_units(prefix, backbone.module))
     return units
