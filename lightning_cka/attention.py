@@ -341,7 +341,7 @@ def plot_attention_distances(
     fig, axes = None, ax
     for model, (xs, ys) in groups.items():
         fig, axes = plot_series(
-            {model or "heads": ys},
+            {f"{model.rstrip('.')} heads" if len(groups) > 1 else "heads": ys},
             x=xs,
             ax=axes,
             title=title,

@@ -7,8 +7,9 @@ keeps memory flat when a figure is rendered every validation epoch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import matplotlib
 import numpy as np
@@ -17,16 +18,43 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-__all__ = ["figure_to_array", "plot_cka_heatmap", "plot_series", "short_names"]
+__all__ = ["READABLE", "figure_to_array", "plot_cka_heatmap", "plot_series", "readable", "short_names"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Font sizes for figures logged as images: TensorBoard shows them as ~350 px wide cards, so text
+#: is sized for that, not for a full-size page.
+READABLE = {
+    "font.size": 13,
+    "axes.titlesize": 13,
+    "axes.labelsize": 13,
+    "xtick.labelsize": 12,
+    "ytick.labelsize": 12,
+    "legend.fontsize": 11,
+    "figure.titlesize": 14,
+}
+
+
+def readable(draw: Callable[P, R]) -> Callable[P, R]:
+    """Draw with :data:`READABLE` font sizes (a decorator for plotting functions)."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with matplotlib.rc_context(READABLE):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
 
 #: Most tick labels drawn along one heatmap axis; more layers are labelled every k-th.
-_MAX_TICKS = 24
+_MAX_TICKS = 20
 
 
 def _label_size(count: int) -> float:
-    """Tick label font size (points) for ``count`` labels on a ~5-inch axis: large for a few
-    layers, never below 6 pt."""
-    return float(np.clip(150.0 / max(count, 1), 6.0, 11.0))
+    """Tick label font size (points) for ``count`` labels on a ~4-inch axis: large for a few
+    layers, never below 7 pt."""
+    return float(np.clip(180.0 / max(count, 1), 7.0, 12.0))
 
 
 def _ticks(ax_set_ticks: Any, ax_set_labels: Any, names: Sequence[str] | None, size: int) -> None:
@@ -38,6 +66,7 @@ def _ticks(ax_set_ticks: Any, ax_set_labels: Any, names: Sequence[str] | None, s
     ax_set_labels([names[i] for i in idx], fontsize=_label_size(len(idx)))
 
 
+@readable
 def plot_cka_heatmap(
     matrix: torch.Tensor | np.ndarray,
     rows: Sequence[str] | None = None,
@@ -62,7 +91,7 @@ def plot_cka_heatmap(
     if ax is None:
         # One size for every layer count (readable at TensorBoard's default image width);
         # labels are thinned and their font chosen for the count instead.
-        fig = Figure(figsize=(6.4, 5.6), dpi=100)
+        fig = Figure(figsize=(5.6, 4.8), dpi=100)
         ax = fig.add_subplot()
     else:
         fig = ax.get_figure()  # type: ignore[assignment]
@@ -79,11 +108,12 @@ def plot_cka_heatmap(
     if ylabel:
         ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=11)
+        ax.set_title(title)
     fig.tight_layout()
     return fig, ax
 
 
+@readable
 def plot_series(
     series: Mapping[str, Sequence[float]],
     x: Sequence[float] | None = None,
@@ -109,7 +139,7 @@ def plot_series(
         ylim: fixed y range (e.g. the possible range of the quantity).
     """
     if ax is None:
-        fig = Figure(figsize=(7.0, 4.5), dpi=100)
+        fig = Figure(figsize=(6.0, 4.4), dpi=100)
         ax = fig.add_subplot()
     else:
         fig = ax.get_figure()  # type: ignore[assignment]
@@ -140,9 +170,9 @@ def plot_series(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=11)
+        ax.set_title(title)
     if series or hlines:
-        ax.legend(fontsize=8)
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig, ax
