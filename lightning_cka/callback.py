@@ -20,6 +20,7 @@ from lightning_cka.analyses import (
     AnalysisSkipped,
     AttentionDistanceAnalysis,
     Convergence,
+    LinearProbe,
     Localization,
     MeasuredBatch,
     NormRatioAnalysis,
@@ -215,7 +216,7 @@ class CKACallback(Callback):
         if convergence:
             self._analyses.append(Convergence(convergence_max_examples, log_prefix=self.log_prefix))
         if probes:
-            self._analyses.append(_linear_probe(label_key, probe_max_examples, probe_folds))
+            self._analyses.append(LinearProbe(label_key, probe_max_examples, probe_folds))
         if localization:
             self._analyses.append(Localization(localization_layers))
         keys = [a.key for a in analyses]
@@ -556,12 +557,6 @@ class CKACallback(Callback):
         for analysis in self._active_analyses:
             if analysis.key in saved:
                 self._guard(analysis, "load_state_dict", analysis.load_state_dict, saved[analysis.key])
-
-
-def _linear_probe(label_key: int | str, max_examples: int, folds: int) -> Analysis:
-    from lightning_cka.analyses.probe import LinearProbe
-
-    return LinearProbe(label_key=label_key, max_examples=max_examples, folds=folds)
 
 
 def _logging_step(trainer: pl.Trainer) -> int:

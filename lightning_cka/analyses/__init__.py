@@ -15,12 +15,14 @@ from lightning_cka.analyses.cka import ReferenceCKA, SelfCKA
 from lightning_cka.analyses.convergence import Convergence
 from lightning_cka.analyses.localization import Localization
 from lightning_cka.analyses.norm_ratio import NormRatioAnalysis
+from lightning_cka.analyses.probe import LinearProbe
 
 __all__ = [
     "Analysis",
     "AnalysisSkipped",
     "AttentionDistanceAnalysis",
     "Convergence",
+    "LinearProbe",
     "Localization",
     "MeasuredBatch",
     "NormRatioAnalysis",
