@@ -1,4 +1,9 @@
-"""Independent float64 reference implementation of the CKA formulas (REFERENCE.md sections 1-2).
+"""Independent float64 reference implementation of the CKA formulas.
+
+Linear CKA (Kornblith et al. 2019, "Similarity of Neural Network Representations Revisited")
+with the unbiased HSIC estimator HSIC_1 (Song et al. 2012, "Feature Selection via Dependence
+Maximization", eq. 5), summed over minibatches as minibatch CKA (Nguyen et al. 2021, "Do Wide
+and Deep Networks Learn the Same Things?").
 
 Written from the formulas only, with NumPy and explicit sums/traces, deliberately *not* using
 the library's code path (no mean-centring of features, no ``K_U`` trick, no batched products).
@@ -136,8 +141,9 @@ def hsic1_exact(k: np.ndarray, l: np.ndarray) -> Fraction:
 def minibatch_cka_exact(batches_x: Sequence[Sequence[Any]], batches_y: Sequence[Sequence[Any]] | None = None):
     """:func:`minibatch_cka` in exact arithmetic (only the final square root is rounded).
 
-    For activations with a large mean, even float64 loses digits in the literal formula
-    (REFERENCE.md, numerical facts); this variant needs integer-valued activations (scale
+    For activations with a large mean, even float64 loses digits in the literal formula: its
+    terms are large and nearly cancel (HSIC_1 of uncentred Grams grows with the squared mean
+    while the result does not); this variant needs integer-valued activations (scale
     dyadic values by a power of two first: CKA is scale invariant).
     """
     if batches_y is None:

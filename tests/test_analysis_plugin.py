@@ -5,7 +5,6 @@ from __future__ import annotations
 import helpers as H
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_cka import CKACallback
 from lightning_cka.analyses import Analysis, MeasuredBatch, Report, SetupContext
@@ -43,10 +42,10 @@ class MeanNorm(Analysis):
 
 
 def test_dummy_analysis_runs_in_the_callback_loop(tmp_path):
-    module = H.LitClassifier(H.tiny_vit(depth=2))
+    module = H.vit_module()
     logger = TensorBoardLogger(str(tmp_path))
     cb = CKACallback(layers="sublayers", analyses=[MeanNorm()])
-    val = H.loader(H.image_dataset(16, seed=1))
+    val = H.val_data()
     H.trainer(tmp_path, callbacks=[cb], logger=logger).validate(module, val, verbose=False)
     layer = module.model.blocks[1].mlp
     with torch.no_grad():
@@ -57,7 +56,5 @@ def test_dummy_analysis_runs_in_the_callback_loop(tmp_path):
         handle.remove()
     expected = out[0].flatten(1).norm(dim=1).mean().item()
     assert abs(cb.history[0]["mean_norm"]["model.blocks.1.mlp"] - expected) < 1e-4
-    acc = EventAccumulator(logger.log_dir)
-    acc.Reload()
-    assert "mean_norm/model.blocks.1.mlp" in acc.Tags()["scalars"]
+    assert "mean_norm/model.blocks.1.mlp" in H.events(logger.log_dir).Tags()["scalars"]
     assert H.hook_count(module) == 0

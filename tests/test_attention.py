@@ -6,6 +6,7 @@ import copy
 import itertools
 import math
 
+import helpers as H
 import pytest
 import torch
 from helpers import Wrapper, timm_vit_tiny
@@ -193,6 +194,7 @@ def test_max_examples_and_chunking() -> None:
     assert not torch.allclose(expected[0], everything[0], rtol=1e-4)
 
 
+@H.computes_before_update
 def test_no_vit_raises_and_failing_hook_warns_once() -> None:
     with pytest.raises(ValueError, match="VisionTransformer"):
         AttentionDistanceCapture(nn.Sequential(nn.Linear(2, 2)))
@@ -211,7 +213,9 @@ def test_no_vit_raises_and_failing_hook_warns_once() -> None:
             vit(x)
     torch.testing.assert_close(out, expected)
     assert len([w for w in caught if "could not be measured" in str(w.message)]) == 2  # once per layer
-    assert all(torch.isnan(v).all() for v in capture.compute().values())
+    values = capture.compute()
+    assert list(values) == ["blocks.0.attn", "blocks.1.attn"]
+    assert all(torch.isnan(v).all() for v in values.values())
 
 
 # ----------------------------------------------------------------------------- metric and plot

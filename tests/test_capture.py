@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import warnings
 
+import helpers as H
 import pytest
 import torch
 from torch import nn
 
 from lightning_cka.capture import GramCapture, HookSet, rank_zero_only
 from lightning_cka.layers import HookPoint, hook_points
-
-
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    m = x.detach().double().flatten(1)
-    m = m - m.mean(0)
-    return m @ m.T
 
 
 @pytest.fixture
@@ -43,10 +38,10 @@ def test_input_and_output_points(net):
     (grams,) = run(capture, net, x)
     with torch.no_grad():
         h = net[0](x)
-        expected = [centred_gram(h), centred_gram(torch.tanh(h)), centred_gram(torch.tanh(h))]
+        expected = [H.centred_gram(h), H.centred_gram(torch.tanh(h)), H.centred_gram(torch.tanh(h))]
     for k, e in zip(grams, expected, strict=True):
         assert torch.allclose(k, e, atol=1e-10)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules()) == 0
+    assert H.hook_count(net) == 0
 
 
 def test_legacy_module_mapping_and_hook_point_mapping_agree(net):
@@ -81,8 +76,8 @@ def test_shared_module_input_measured_at_first_call():
     (grams,) = run(GramCapture.for_layers(model, ["0:in", "0"], precision=torch.float64), model, x)
     with torch.no_grad():
         first = block(x)
-    assert torch.allclose(grams[0], centred_gram(x), atol=1e-10)
-    assert torch.allclose(grams[1], centred_gram(first), atol=1e-10)
+    assert torch.allclose(grams[0], H.centred_gram(x), atol=1e-10)
+    assert torch.allclose(grams[1], H.centred_gram(first), atol=1e-10)
 
 
 class NoneOut(nn.Module):

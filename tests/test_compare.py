@@ -1,30 +1,27 @@
 """Offline compare() and its GramCapture on tiny timm/torchvision models, checked against
 activations captured by this test's own forward hooks (independent of lightning_cka.capture)."""
 
+import copy
+
+import helpers as H
 import numpy as np
 import pytest
 import reference as ref
-import timm
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from lightning_cka import CKAResult, MinibatchCKA, compare
+from lightning_cka import CKAResult, compare
 from lightning_cka.capture import GramCapture, HookSet
 from lightning_cka.functional import gram
 
-TOL32 = 1e-5
-TOL64 = 1e-10
 VIT_SUBLAYERS = ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
 RESNET_BLOCKS = ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
 
 
 @pytest.fixture(scope="module")
 def vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=10, depth=2
-    )
+    return H.timm_vit_tiny()
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +38,7 @@ def resnet() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    return [torch.randn(n, 3, 32, 32, generator=g) for n in (8, 6, 5)]
+    return H.random_images(7, (8, 6, 5))
 
 
 def own_capture(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -73,10 +69,6 @@ def own_capture(model: nn.Module, names: list[str], batches: list[torch.Tensor])
     return result
 
 
-def hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 class CountCalls:
     """Forward pre-hook on a root module: counts calls and records mode/grad state."""
 
@@ -92,7 +84,7 @@ class CountCalls:
         self.calls += 1
         self.training.append(module.training)
         self.grad_enabled.append(torch.is_grad_enabled())
-        self.hooks_seen.append(hook_count(self._model))
+        self.hooks_seen.append(H.hook_count(self._model))
 
     def remove(self) -> None:
         self._handle.remove()
@@ -106,13 +98,6 @@ class Exploding:
 
     def __len__(self):
         return 3
-
-
-def metric_on(batches_x, batches_y=None) -> torch.Tensor:
-    metric = MinibatchCKA()
-    for i, xs in enumerate(batches_x):
-        metric.update(xs, None if batches_y is None else batches_y[i])
-    return metric.compute()
 
 
 # -------------------------------------------------------------------------------- values
@@ -129,8 +114,8 @@ def test_vit_self_comparison_matches_own_hooks(vit, images):
 
     acts = own_capture(vit, VIT_SUBLAYERS, images)
     assert acts[0][0].shape == (8, 65, 192)  # full tokens x channels are flattened
-    assert ref.max_abs_err(result.matrix, metric_on(acts)) < TOL32
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, H.metric_over(acts)) < H.TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
 
 
 @pytest.mark.parametrize("kind", ["torchvision", "timm"])
@@ -151,14 +136,14 @@ def test_resnet_self_comparison_matches_own_hooks(resnet, images, kind):
     assert counter.calls == len(images)
     assert result.rows == RESNET_BLOCKS
     acts = own_capture(model, RESNET_BLOCKS, images)
-    assert ref.max_abs_err(result.matrix, metric_on(acts)) < TOL32
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, H.metric_over(acts)) < H.TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
 
 
 def test_float64_precision_matches_reference_tightly(resnet, images):
     result = compare(resnet, images, layers=RESNET_BLOCKS[:3], progress=False, precision="float64")
     acts = own_capture(resnet, RESNET_BLOCKS[:3], images)
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL64
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL64
 
 
 def test_cross_comparison_returns_l_by_m(vit, resnet, images):
@@ -175,12 +160,10 @@ def test_cross_comparison_returns_l_by_m(vit, resnet, images):
     assert result.rows == ["blocks.0", "blocks.1"] and result.cols == RESNET_BLOCKS
     xs = own_capture(vit, result.rows, images)
     ys = own_capture(resnet, RESNET_BLOCKS, images)
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(xs, ys)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(xs, ys)) < H.TOL32
 
 
 def test_cross_comparison_of_a_model_with_its_copy_is_self_matrix(resnet, images):
-    import copy
-
     twin = copy.deepcopy(resnet)
     cross = compare(resnet, images, layers=RESNET_BLOCKS, other=twin, progress=False)
     self_ = compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
@@ -192,14 +175,14 @@ def test_cross_comparison_of_a_model_with_its_copy_is_self_matrix(resnet, images
 def test_unknown_layer_lists_close_names_before_iterating(vit):
     with pytest.raises(ValueError, match=r"blocks\.0\.attn"):
         compare(vit, Exploding(), layers=["blocks.0.atn"], progress=False)
-    assert hook_count(vit) == 0
+    assert H.hook_count(vit) == 0
 
 
 def test_unknown_other_layer_raises_before_iterating(vit, resnet):
-    before = hook_count(vit), hook_count(resnet)
+    before = H.hook_count(vit), H.hook_count(resnet)
     with pytest.raises(ValueError, match=r"layer1\.0"):
         compare(vit, Exploding(), layers=["blocks.0"], other=resnet, other_layers=["layer1.O"], progress=False)
-    assert (hook_count(vit), hook_count(resnet)) == before
+    assert (H.hook_count(vit), H.hook_count(resnet)) == before
 
 
 # ---------------------------------------------------------------------- batch handling
@@ -222,13 +205,13 @@ def test_batch_formats(resnet, images, fmt):
     result = compare(resnet, loader, layers=RESNET_BLOCKS[:2], progress=False, **kwargs)
     acts = own_capture(resnet, RESNET_BLOCKS[:2], images)
     assert result.meta["batches"] == len(images)
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
 
 
 def test_dict_batch_without_input_key_raises(resnet, images):
     with pytest.raises(KeyError, match="input_key"):
         compare(resnet, [{"image": images[0]}], layers=RESNET_BLOCKS[:2], progress=False)
-    assert hook_count(resnet) == 0
+    assert H.hook_count(resnet) == 0
 
 
 def test_generator_dataloader_without_len(resnet, images):
@@ -246,7 +229,7 @@ def test_max_batches(resnet, images):
     assert counter.calls == 2
     assert result.meta["batches"] == 2
     acts = own_capture(resnet, RESNET_BLOCKS[:2], images[:2])
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
     full = ref.minibatch_cka(own_capture(resnet, RESNET_BLOCKS[:2], loader))
     assert ref.max_abs_err(full, ref.minibatch_cka(acts)) > 1e-6  # max_batches changes the answer
 
@@ -256,13 +239,13 @@ def test_small_tail_batch_skipped_with_warning(resnet, images):
     with pytest.warns(UserWarning, match="at least 4"):
         result = compare(resnet, loader, layers=RESNET_BLOCKS[:2], progress=False)
     acts = own_capture(resnet, RESNET_BLOCKS[:2], images[:2])
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
 
 
 def test_empty_dataloader_raises(resnet):
     with pytest.raises(ValueError, match="no usable batch"):
         compare(resnet, [], layers=RESNET_BLOCKS[:2], progress=False)
-    assert hook_count(resnet) == 0
+    assert H.hook_count(resnet) == 0
 
 
 def test_progress_bar(resnet, images, capsys):
@@ -279,7 +262,7 @@ def test_mode_restored_and_hooks_removed(resnet, images, training):
     resnet.train(training)
     bn = resnet.bn1
     stats = bn.running_mean.clone()
-    before = hook_count(resnet)
+    before = H.hook_count(resnet)
     counter = CountCalls(resnet)
     try:
         compare(resnet, images, layers=RESNET_BLOCKS, progress=False)
@@ -290,7 +273,7 @@ def test_mode_restored_and_hooks_removed(resnet, images, training):
     assert all(seen >= before + 1 + len(RESNET_BLOCKS) for seen in counter.hooks_seen)  # hooks were live
     assert resnet.training is training
     assert all(m.training is training for m in resnet.modules())
-    assert hook_count(resnet) == before
+    assert H.hook_count(resnet) == before
     assert torch.equal(bn.running_mean, stats)  # eval mode: batch-norm statistics untouched
     assert all(p.grad is None for p in resnet.parameters())
     resnet.eval()
@@ -311,7 +294,7 @@ def _raising_loader(images):
 def test_mode_and_hooks_restored_after_exception(vit, resnet, images, where, cross):
     vit.train()
     resnet.train()
-    before = hook_count(vit), hook_count(resnet)
+    before = H.hook_count(vit), H.hook_count(resnet)
     loader = _failing_loader(images) if where == "forward" else _raising_loader(images)
     error = RuntimeError if where == "forward" else OSError
     kwargs = {"other": vit, "other_layers": ["blocks.0"]} if cross else {}
@@ -319,7 +302,7 @@ def test_mode_and_hooks_restored_after_exception(vit, resnet, images, where, cro
         compare(resnet, loader, layers=RESNET_BLOCKS, progress=False, **kwargs)
     assert resnet.training and all(m.training for m in resnet.modules())
     assert vit.training and all(m.training for m in vit.modules())
-    assert (hook_count(vit), hook_count(resnet)) == before
+    assert (H.hook_count(vit), H.hook_count(resnet)) == before
     vit.eval()
     resnet.eval()
 
@@ -422,12 +405,12 @@ BAD_ARGUMENTS = {
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_arguments_fail_before_iterating(resnet, case):
     kwargs, exc, fragments = BAD_ARGUMENTS[case]
-    before = hook_count(resnet)
+    before = H.hook_count(resnet)
     with pytest.raises(exc) as info:
         compare(resnet, Exploding(), layers=RESNET_BLOCKS[:2], progress=False, **kwargs)
     for fragment in fragments:
         assert fragment in str(info.value)
-    assert hook_count(resnet) == before
+    assert H.hook_count(resnet) == before
 
 
 @pytest.mark.parametrize("loader", [3, None, torch.randn(8, 3, 32, 32)], ids=["int", "none", "tensor"])
@@ -448,7 +431,7 @@ def test_cross_comparison_keeps_the_given_order(vit, resnet, images):
     result = compare(vit, images, layers=rows, other=resnet, other_layers=cols, progress=False)
     assert result.rows == rows and result.cols == cols
     expected = ref.minibatch_cka(own_capture(vit, rows, images), own_capture(resnet, cols, images))
-    assert ref.max_abs_err(result.matrix, expected) < TOL32
+    assert ref.max_abs_err(result.matrix, expected) < H.TOL32
     # the same entries as the sorted comparison, permuted
     sorted_ = compare(vit, images, layers=sorted(rows), other=resnet, other_layers=sorted(cols), progress=False)
     r = [sorted(rows).index(n) for n in rows]
@@ -462,7 +445,7 @@ def test_token_reductions_against_hand_reduced_activations(vit, images, reductio
     result = compare(vit, images, layers=names, reduction=reduction, progress=False)
     acts = [[reduce(a) for a in batch] for batch in own_capture(vit, names, images)]
     assert acts[0][0].shape == (8, 192)
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
     flat = compare(vit, images, layers=names, progress=False)
     assert ref.max_abs_err(result.matrix, flat.matrix) > 1e-4  # the reduction matters
 
@@ -480,4 +463,4 @@ def test_shared_block_is_measured_at_its_first_call(images):
         for x in images:
             first = block(model[1](model[0](x)))
             acts.append([first, head(block(first))])
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL64
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL64

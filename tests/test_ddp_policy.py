@@ -9,10 +9,9 @@ from ddp_harness import SeenBatches, batches_of, run_ddp
 from lightning.pytorch import Callback
 from torch import nn
 
-from lightning_cka import CKACallback, compare
+from lightning_cka import CKACallback
 
 pytestmark = pytest.mark.slow
-TOL = 1e-6
 
 
 class FailsOnRankOne(nn.Module):
@@ -74,11 +73,11 @@ def test_failing_reference_on_one_rank(tmp_path):
     assert ranks[0]["reference"] == ranks[1]["reference"] and len(ranks[0]["reference"]) == 1
     spec = failing_reference()
     module, reference = spec["module"], spec["callbacks"][0].reference.net
-    everything = compare(module, batches_of(ranks), "sublayers", progress=False).matrix
-    assert float((torch.tensor(ranks[0]["self"][0]) - everything).abs().max()) < TOL
+    everything = H.cmp(module, batches_of(ranks), "sublayers").matrix
+    assert H.max_diff(torch.tensor(ranks[0]["self"][0]), everything) < H.TOL
     rank0 = [torch.tensor(b) for b in ranks[0]["seen"]]
-    cross = compare(module, rank0, "sublayers", reference=reference, reference_layers="auto", progress=False)
-    assert float((torch.tensor(ranks[0]["reference"][0]) - cross.matrix).abs().max()) < TOL
+    cross = H.cmp(module, rank0, "sublayers", reference=reference, reference_layers="auto")
+    assert H.max_diff(torch.tensor(ranks[0]["reference"][0]), cross.matrix) < H.TOL
 
 
 def test_rank_without_usable_batch_still_reports(tmp_path):
@@ -87,5 +86,5 @@ def test_rank_without_usable_batch_still_reports(tmp_path):
     assert ranks[0]["self"] == ranks[1]["self"]
     module = empty_rank()["module"]
     rank0 = [torch.tensor(b) for b in ranks[0]["seen"]]
-    expected = compare(module, rank0, "sublayers", progress=False).matrix
-    assert float((torch.tensor(ranks[0]["self"][0]) - expected).abs().max()) < TOL
+    expected = H.cmp(module, rank0, "sublayers").matrix
+    assert H.max_diff(torch.tensor(ranks[0]["self"][0]), expected) < H.TOL

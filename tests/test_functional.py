@@ -1,15 +1,12 @@
 """lightning_cka.functional against the independent reference in tests/reference.py."""
 
+import helpers as H
 import numpy as np
 import pytest
 import reference as ref
 import torch
 
-from lightning_cka import MinibatchCKA
 from lightning_cka import functional as F
-
-TOL64 = 1e-10
-TOL32 = 1e-5
 
 
 def _gram64(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +36,7 @@ def test_hsic1_matches_song_formula(gen, n):
         got = F.hsic1(a, b)
         assert got.dtype == torch.float64
         expected = ref.hsic1(a, b)
-        assert _rel(float(got), expected) < TOL64
+        assert _rel(float(got), expected) < H.TOL64
 
 
 def test_hsic1_float32_gram_is_computed_in_float64(gen):
@@ -66,7 +63,7 @@ def test_center_gram_unbiased_inner_product_identity(gen, n):
     assert torch.allclose(k_u, k_u.T, atol=1e-12, rtol=0)
     inner = float((k_u * l_u).sum())
     expected = n * (n - 3) * ref.hsic1(k, l)
-    assert _rel(inner, expected) < TOL64
+    assert _rel(inner, expected) < H.TOL64
     # Batched input (..., n, n) gives the same per-matrix result.
     both = F.center_gram_unbiased(torch.stack([k, l]))
     assert torch.allclose(both[0], k_u, atol=1e-12, rtol=0)
@@ -79,7 +76,7 @@ def test_gram_centring_is_exact_for_hsic1(gen):
     y = torch.randn(11, 3, 4, generator=gen, dtype=torch.float64) - 2.0
     k = F.gram(x)
     assert k.shape == (11, 11)
-    assert _rel(float(F.hsic1(k, F.gram(y))), ref.hsic1(_gram64(x), _gram64(y))) < TOL64
+    assert _rel(float(F.hsic1(k, F.gram(y))), ref.hsic1(_gram64(x), _gram64(y))) < H.TOL64
 
 
 def test_gram_dtypes(gen):
@@ -189,18 +186,18 @@ def test_hsic1_pairwise_matches_reference_for_all_pairs(gen):
     assert kl.shape == (3, 2) and kk.shape == (3,) and ll.shape == (2,)
     assert kl.dtype == kk.dtype == ll.dtype == torch.float64
     for i in range(3):
-        assert _rel(float(kk[i]), ref.hsic1(ks[i], ks[i])) < TOL64
+        assert _rel(float(kk[i]), ref.hsic1(ks[i], ks[i])) < H.TOL64
         for j in range(2):
-            assert _rel(float(kl[i, j]), ref.hsic1(ks[i], ls[j])) < TOL64
+            assert _rel(float(kl[i, j]), ref.hsic1(ks[i], ls[j])) < H.TOL64
     for j in range(2):
-        assert _rel(float(ll[j]), ref.hsic1(ls[j], ls[j])) < TOL64
+        assert _rel(float(ll[j]), ref.hsic1(ls[j], ls[j])) < H.TOL64
 
     # Self-similarity: (L, L) matrix, both self terms equal.
     kk_mat, kk1, kk2 = F.hsic1_pairwise(ks)
     assert kk_mat.shape == (3, 3)
     for i in range(3):
         for j in range(3):
-            assert _rel(float(kk_mat[i, j]), ref.hsic1(ks[i], ks[j])) < TOL64
+            assert _rel(float(kk_mat[i, j]), ref.hsic1(ks[i], ks[j])) < H.TOL64
     assert torch.equal(kk1, kk2)
 
 
@@ -218,7 +215,7 @@ def test_linear_cka_matches_reference(gen, unbiased, dtype):
     got = F.linear_cka(x, y, unbiased=unbiased)
     assert got.dtype == torch.float64 and got.ndim == 0
     expected = ref.linear_cka(x, y, unbiased=unbiased)
-    tol = TOL64 if dtype == torch.float64 else TOL32
+    tol = H.TOL64 if dtype == torch.float64 else H.TOL32
     assert abs(float(got) - expected) < tol
     assert 0.05 < expected < 1.0  # a non-trivial value, so the comparison means something
 
@@ -260,10 +257,10 @@ def test_minibatch_cka_function_matches_reference(gen):
     batches_y = [[torch.randn(len(b[0]), 4, generator=gen) + b[0][:, :4]] for b in batches_x]
     got = F.minibatch_cka(batches_x)
     assert got.shape == (2, 2) and got.dtype == torch.float64
-    assert ref.max_abs_err(got, ref.minibatch_cka(batches_x)) < TOL32
+    assert ref.max_abs_err(got, ref.minibatch_cka(batches_x)) < H.TOL32
     cross = F.minibatch_cka(batches_x, batches_y)
     assert cross.shape == (2, 1)
-    assert ref.max_abs_err(cross, ref.minibatch_cka(batches_x, batches_y)) < TOL32
+    assert ref.max_abs_err(cross, ref.minibatch_cka(batches_x, batches_y)) < H.TOL32
     with pytest.raises(ValueError):
         F.minibatch_cka([])
 
@@ -291,13 +288,6 @@ def _minibatches(gen, sizes, bad=None):
     return out
 
 
-def _by_metric(batches_x, batches_y=None, **kwargs):
-    metric = MinibatchCKA(**kwargs)
-    for i, xs in enumerate(batches_x):
-        metric.update(xs, None if batches_y is None else batches_y[i])
-    return metric.compute()
-
-
 def test_function_and_metric_agree_with_small_and_nonfinite_minibatches(gen):
     batches = _minibatches(gen, (9, 3, 12, 7), bad=(2, 1))
     with pytest.warns(UserWarning) as record:
@@ -306,7 +296,7 @@ def test_function_and_metric_agree_with_small_and_nonfinite_minibatches(gen):
     assert any("at least 4" in m for m in messages)
     assert any("non-finite" in m and "#1 (1x)" in m for m in messages)
     with pytest.warns(UserWarning) as record:
-        expected = _by_metric(batches)
+        expected = H.metric_over(batches)
     assert any("at least 4" in str(w.message) for w in record)
     assert any("non-finite" in str(w.message) and "#1 (1x)" in str(w.message) for w in record)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -315,16 +305,16 @@ def test_function_and_metric_agree_with_small_and_nonfinite_minibatches(gen):
     for i, j in np.ndindex(3, 3):
         rows = [b for b in usable if torch.isfinite(b[i]).all() and torch.isfinite(b[j]).all()]
         expected_ij = ref.minibatch_cka([[b[i]] for b in rows], [[b[j]] for b in rows])[0, 0]
-        assert abs(float(got[i, j]) - expected_ij) < TOL32
+        assert abs(float(got[i, j]) - expected_ij) < H.TOL32
 
     # Cross-similarity, with the NaN in a column layer.
     ys = _minibatches(gen, (9, 3, 12, 7), bad=(0, 2))
     for xs, y in zip(batches, ys, strict=True):
         y[0] = xs[0][:, :3] + 0.5 * y[0][:, :3]
-    with pytest.warns(UserWarning):
+    with H.warns("non-finite", "at least 4"):
         cross = F.minibatch_cka(batches, ys)
-    with pytest.warns(UserWarning):
-        torch.testing.assert_close(cross, _by_metric(batches, ys), rtol=0, atol=0)
+    with H.warns("non-finite", "at least 4"):
+        torch.testing.assert_close(cross, H.metric_over(batches, ys), rtol=0, atol=0)
     assert cross.shape == (3, 3) and torch.isfinite(cross).all()
 
 
@@ -332,7 +322,7 @@ def test_function_and_metric_agree_with_small_and_nonfinite_minibatches(gen):
 def test_function_and_metric_agree_on_precision(gen, precision):
     batches = [[t.double() for t in b] for b in _minibatches(gen, (8, 10))]
     torch.testing.assert_close(
-        F.minibatch_cka(batches, precision=precision), _by_metric(batches, precision=precision), rtol=0, atol=0
+        F.minibatch_cka(batches, precision=precision), H.metric_over(batches, precision=precision), rtol=0, atol=0
     )
 
 
@@ -340,26 +330,26 @@ def test_function_default_precision_is_float32_like_the_metric(gen):
     batches = [[t.double() for t in b] for b in _minibatches(gen, (8, 10))]
     default = F.minibatch_cka(batches)
     assert torch.equal(default, F.minibatch_cka(batches, precision="float32"))
-    assert torch.equal(default, _by_metric(batches))
+    assert torch.equal(default, H.metric_over(batches))
     wide = F.minibatch_cka(batches, precision=torch.float64)
     assert not torch.equal(default, wide)
-    assert ref.max_abs_err(wide, ref.minibatch_cka(batches)) < TOL64
-    assert ref.max_abs_err(default, ref.minibatch_cka(batches)) < TOL32
+    assert ref.max_abs_err(wide, ref.minibatch_cka(batches)) < H.TOL64
+    assert ref.max_abs_err(default, ref.minibatch_cka(batches)) < H.TOL32
 
 
 def test_function_skips_small_minibatches_instead_of_raising(gen):
     batches = _minibatches(gen, (10, 3, 8))
     with pytest.warns(UserWarning, match=r"Skipped 1 minibatch\(es\) with fewer than 4 examples \(sizes \[3\]\)"):
         got = F.minibatch_cka(batches)
-    assert ref.max_abs_err(got, ref.minibatch_cka([batches[0], batches[2]])) < TOL32
+    assert ref.max_abs_err(got, ref.minibatch_cka([batches[0], batches[2]])) < H.TOL32
 
 
 def test_function_without_usable_minibatch_returns_nan_matrix(gen):
-    with pytest.warns(UserWarning, match="all-NaN 3 x 3 matrix"):
+    with H.warns("all-NaN 3 x 3 matrix", r"Skipped 2 minibatch\(es\) with fewer than 4 examples"):
         got = F.minibatch_cka(_minibatches(gen, (3, 2)))
     assert got.shape == (3, 3) and got.dtype == torch.float64 and torch.isnan(got).all()
     xs = [[torch.full((8, 4), float("nan"))]]
-    with pytest.warns(UserWarning, match="all-NaN 1 x 2 matrix"):
+    with H.warns("all-NaN 1 x 2 matrix", r"non-finite .* row layer\(s\) #0 \(1x"):
         got = F.minibatch_cka(xs, [[torch.randn(8, 2, generator=gen), torch.randn(8, 3, generator=gen)]])
     assert got.shape == (1, 2) and torch.isnan(got).all()
 

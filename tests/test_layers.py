@@ -21,21 +21,6 @@ TV_SUB = [f"{b}.{s}" for b in TV_BLOCKS for s in ("self_attention", "mlp")]
 TV_STREAM = [n for b in TV_BLOCKS for n in (f"{b}.ln_2:in", b)]
 
 
-def tv_vit(seed: int = 0) -> nn.Module:
-    """torchvision's VisionTransformer, tiny: 32x32 inputs, 8x8 patches, 2 layers of width 32."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    return torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=H.NUM_CLASSES
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from H.one_thread()
-
-
 def validate(tmp_path, module, cb, n=16):
     """Run trainer.validate with ``cb`` on ``n`` random images; return the validation data."""
     val = H.loader(H.image_dataset(n, seed=1))
@@ -50,7 +35,7 @@ def check_rows(cb, module, val, expected, **compare_kwargs):
     assert result.matrix.shape == (len(expected), len(expected))
     assert torch.allclose(torch.diagonal(result.matrix), torch.ones(len(expected), dtype=torch.float64), atol=1e-6)
     oracle = compare(module, val, layers=expected, progress=False, **compare_kwargs)
-    assert float((oracle.matrix - result.matrix).abs().max()) < 1e-6
+    assert H.max_diff(oracle.matrix, result.matrix) < H.TOL
 
 
 ARCHS = {
@@ -61,8 +46,8 @@ ARCHS = {
     "timm_resnet10t_auto": (lambda: H.timm_resnet("resnet10t"), "auto", RESNET10T),
     "tv_resnet18_auto": (H.tv_resnet18, "auto", RESNET18),
     "tv_resnet18_sublayers": (H.tv_resnet18, "sublayers", RESNET18),
-    "tv_vit_auto": (tv_vit, "auto", TV_BLOCKS),
-    "tv_vit_sublayers": (tv_vit, "sublayers", TV_SUB),
+    "tv_vit_auto": (H.tv_vit, "auto", TV_BLOCKS),
+    "tv_vit_sublayers": (H.tv_vit, "sublayers", TV_SUB),
 }
 
 
@@ -77,7 +62,7 @@ def test_presets(tmp_path, arch):
 
 @pytest.mark.parametrize(
     ("make", "expected"),
-    [(lambda: H.tiny_vit(depth=3), VIT_STREAM), (tv_vit, TV_STREAM)],
+    [(lambda: H.tiny_vit(depth=3), VIT_STREAM), (H.tv_vit, TV_STREAM)],
     ids=["vit", "tv_vit"],
 )
 def test_stream_preset(tmp_path, make, expected):
@@ -179,7 +164,7 @@ def test_mean_reduction_on_resnet(tmp_path):
     val = validate(tmp_path, module, cb)
     check_rows(cb, module, val, RESNET10T, reduction="mean")
     flat = compare(module, val, layers=RESNET10T, progress=False)
-    assert float((flat.matrix - cb.history[-1]["self"].matrix).abs().max()) > 1e-6
+    assert H.max_diff(flat.matrix, cb.history[-1]["self"].matrix) > 1e-6
 
 
 def test_reference_layers_are_relative_to_reference(tmp_path):
@@ -191,7 +176,7 @@ def test_reference_layers_are_relative_to_reference(tmp_path):
     assert result.rows == [f"model.blocks.{i}.mlp" for i in range(3)]
     assert result.cols == ["layer4.1", "layer1.0"]
     oracle = compare(module, val, layers=result.rows, other=ref, other_layers=result.cols, progress=False)
-    assert float((oracle.matrix - result.matrix).abs().max()) < 1e-6
+    assert H.max_diff(oracle.matrix, result.matrix) < H.TOL
 
 
 # --------------------------------------------------------------------------- errors

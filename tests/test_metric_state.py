@@ -2,10 +2,10 @@
 
 import warnings
 
+import helpers as H
 import pytest
 import reference as ref
 import torch
-from test_metric import TOL32, _cross, _layers
 
 from lightning_cka import MinibatchCKA
 from lightning_cka import functional as F
@@ -29,7 +29,7 @@ def test_running_sums_are_float64_before_the_first_update(kwargs):
 
 # ----------------------------------------------------------------------------- state_dict
 def test_load_state_dict_into_default_metric_then_update(gen):
-    batches = [_layers(gen, 8) for _ in range(3)]
+    batches = [H.random_layers(gen, 8) for _ in range(3)]
     source = MinibatchCKA()
     source.persistent(True)
     for xs in batches[:2]:
@@ -42,7 +42,7 @@ def test_load_state_dict_into_default_metric_then_update(gen):
     assert int(target.num_batches) == 2
     target.update(batches[2])
     assert int(target.num_batches) == 3
-    assert ref.max_abs_err(target.compute(), ref.minibatch_cka(batches)) < TOL32
+    assert ref.max_abs_err(target.compute(), ref.minibatch_cka(batches)) < H.TOL32
     # The loaded shape is fixed: other layer counts are refused, also after reset().
     with pytest.raises(ValueError, match="3 x 3"):
         target.update(batches[0][:2])
@@ -53,8 +53,8 @@ def test_load_state_dict_into_default_metric_then_update(gen):
 
 
 def test_load_cross_state_dict_then_compute_and_update(gen):
-    xs = [_layers(gen, 8) for _ in range(2)]
-    ys = [_cross(gen, b) for b in xs]
+    xs = [H.random_layers(gen, 8) for _ in range(2)]
+    ys = [H.random_cross(gen, b) for b in xs]
     source = MinibatchCKA()
     source.persistent(True)
     source.update(xs[0], ys[0])
@@ -63,41 +63,41 @@ def test_load_cross_state_dict_then_compute_and_update(gen):
     with pytest.raises(ValueError, match="3 x 2"):
         target.update(xs[1])  # a (3, 2) state is cross-similarity
     target.update(xs[1], ys[1])
-    assert ref.max_abs_err(target.compute(), ref.minibatch_cka(xs, ys)) < TOL32
+    assert ref.max_abs_err(target.compute(), ref.minibatch_cka(xs, ys)) < H.TOL32
 
 
 # ---------------------------------------------------------------------------------- merging
 def test_merge_populated_into_fresh_and_back(gen):
-    batches = [_layers(gen, 8) for _ in range(3)]
+    batches = [H.random_layers(gen, 8) for _ in range(3)]
     populated = MinibatchCKA()
     for xs in batches[:2]:
         populated.update(xs)
     fresh = MinibatchCKA()
     fresh.merge_state(populated)
-    assert ref.max_abs_err(fresh.compute(), ref.minibatch_cka(batches[:2])) < TOL32
+    assert ref.max_abs_err(fresh.compute(), ref.minibatch_cka(batches[:2])) < H.TOL32
     fresh.update(batches[2])
-    assert ref.max_abs_err(fresh.compute(), ref.minibatch_cka(batches)) < TOL32
+    assert ref.max_abs_err(fresh.compute(), ref.minibatch_cka(batches)) < H.TOL32
     # The source is untouched (no aliasing), and merging an empty metric changes nothing.
     before = populated.compute().clone()
     populated.merge_state(MinibatchCKA())
     assert torch.equal(populated.compute(), before)
-    assert ref.max_abs_err(before, ref.minibatch_cka(batches[:2])) < TOL32
+    assert ref.max_abs_err(before, ref.minibatch_cka(batches[:2])) < H.TOL32
 
 
 def test_merge_state_dict_into_fresh(gen):
-    xs = [_layers(gen, 8) for _ in range(2)]
-    ys = [_cross(gen, b) for b in xs]
+    xs = [H.random_layers(gen, 8) for _ in range(2)]
+    ys = [H.random_cross(gen, b) for b in xs]
     a, b = MinibatchCKA(), MinibatchCKA()
     a.update(xs[0], ys[0])
     b.update(xs[1], ys[1])
     merged = MinibatchCKA()
     merged.merge_state(a.metric_state)
     merged.merge_state(b.metric_state)
-    assert ref.max_abs_err(merged.compute(), ref.minibatch_cka(xs, ys)) < TOL32
+    assert ref.max_abs_err(merged.compute(), ref.minibatch_cka(xs, ys)) < H.TOL32
 
 
 def test_merge_state_refuses_mismatches(gen):
-    xs = _layers(gen, 8)
+    xs = H.random_layers(gen, 8)
     three, two = MinibatchCKA(), MinibatchCKA()
     three.update(xs)
     two.update(xs[:2])
@@ -118,7 +118,7 @@ def test_merge_state_refuses_mismatches(gen):
 
 
 def test_merge_state_invalidates_the_cached_result(gen):
-    batches = [_layers(gen, 8) for _ in range(2)]
+    batches = [H.random_layers(gen, 8) for _ in range(2)]
     a, b = MinibatchCKA(), MinibatchCKA()
     a.update(batches[0])
     b.update(batches[1])
@@ -126,7 +126,7 @@ def test_merge_state_invalidates_the_cached_result(gen):
     a.merge_state(b)
     merged = a.compute()
     assert not torch.allclose(first, merged)
-    assert ref.max_abs_err(merged, ref.minibatch_cka(batches)) < TOL32
+    assert ref.max_abs_err(merged, ref.minibatch_cka(batches)) < H.TOL32
     fresh = MinibatchCKA()
     fresh.merge_state(b)
     with warnings.catch_warnings():
@@ -136,7 +136,7 @@ def test_merge_state_invalidates_the_cached_result(gen):
 
 # ---------------------------------------------------------------------- update paths / forward
 def test_update_grams_goes_through_the_update_wrapper(gen):
-    batches = [_layers(gen, 8) for _ in range(2)]
+    batches = [H.random_layers(gen, 8) for _ in range(2)]
     metric = MinibatchCKA()
     metric.update_grams(F.grams(batches[0]))
     assert metric.update_count == 1
@@ -145,12 +145,12 @@ def test_update_grams_goes_through_the_update_wrapper(gen):
     assert metric.update_count == 2
     second = metric.compute()  # not the cached first result
     assert not torch.allclose(first, second)
-    assert ref.max_abs_err(second, ref.minibatch_cka(batches)) < TOL32
+    assert ref.max_abs_err(second, ref.minibatch_cka(batches)) < H.TOL32
 
 
 def test_grams_keyword_equals_activations(gen):
-    xs = [_layers(gen, 8) for _ in range(2)]
-    ys = [_cross(gen, b) for b in xs]
+    xs = [H.random_layers(gen, 8) for _ in range(2)]
+    ys = [H.random_cross(gen, b) for b in xs]
     by_acts, by_grams, by_method = MinibatchCKA(), MinibatchCKA(), MinibatchCKA()
     for x, y in zip(xs, ys, strict=True):
         by_acts.update(x, y)
@@ -158,22 +158,22 @@ def test_grams_keyword_equals_activations(gen):
         by_method.update_grams(F.grams(x), F.grams(y))
     assert torch.equal(by_acts.compute(), by_grams.compute())
     assert torch.equal(by_acts.compute(), by_method.compute())
-    assert ref.max_abs_err(by_acts.compute(), ref.minibatch_cka(xs, ys)) < TOL32
+    assert ref.max_abs_err(by_acts.compute(), ref.minibatch_cka(xs, ys)) < H.TOL32
 
 
 def test_forward_with_grams_and_small_batch_counter(gen):
-    batches = [_layers(gen, 8) for _ in range(2)]
+    batches = [H.random_layers(gen, 8) for _ in range(2)]
     metric = MinibatchCKA()
     value = metric(grams=F.grams(batches[0]))
-    assert ref.max_abs_err(value, ref.minibatch_cka(batches[:1])) < TOL32
-    with pytest.warns(UserWarning):
-        metric(_layers(gen, 3))
-    with pytest.warns(UserWarning):
-        metric(_layers(gen, 2))
+    assert ref.max_abs_err(value, ref.minibatch_cka(batches[:1])) < H.TOL32
+    with pytest.warns(UserWarning, match="at least 4"):
+        metric(H.random_layers(gen, 3))
+    with pytest.warns(UserWarning, match="at least 4"):
+        metric(H.random_layers(gen, 2))
     metric(batches[1])
     assert metric.num_skipped_small == 2  # forward's internal reset does not lose the count
     assert int(metric.num_batches) == 2
-    assert ref.max_abs_err(metric.compute(), ref.minibatch_cka(batches)) < TOL32
+    assert ref.max_abs_err(metric.compute(), ref.minibatch_cka(batches)) < H.TOL32
 
 
 def test_single_layer_forward_and_compute_keep_matrix_shape(gen):

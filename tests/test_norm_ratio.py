@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import helpers as H
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -269,6 +270,7 @@ def test_hook_failure_warns_once_and_never_raises() -> None:
     assert math.isfinite(values["model.blocks.0/attn/cls"])
 
 
+@H.computes_before_update
 def test_reset_and_empty_root() -> None:
     root = Wrapper(timm_vit_tiny())
     capture = NormRatioCapture(root)
@@ -276,14 +278,19 @@ def test_reset_and_empty_root() -> None:
         capture.attach(hooks)
         with torch.no_grad():
             root(torch.randn(2, 3, 32, 32))
-    assert all(math.isfinite(v) for v in capture.compute().values())
+    values = capture.compute()
+    assert len(values) == 8  # 2 blocks x (attn, mlp) x (cls, spatial)
+    assert all(math.isfinite(v) for v in values.values())
     capture.reset()
-    assert all(math.isnan(v) for v in capture.compute().values())
+    values = capture.compute()
+    assert len(values) == 8
+    assert all(math.isnan(v) for v in values.values())
     with pytest.raises(ValueError, match="No residual unit"):
         NormRatioCapture(nn.Sequential(nn.Linear(2, 2)))
 
 
 # ----------------------------------------------------------------------------- metric
+@H.computes_before_update
 def test_metric_streams_means_under_inference_mode() -> None:
     metric = NormRatio(["a", "b", "c"])
     with torch.inference_mode():
@@ -327,6 +334,7 @@ def _rank_data(rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return sums, counts, att_sums, att_counts
 
 
+@H.computes_before_update
 def test_ddp_sync_matches_single_process(tmp_path: Path) -> None:
     # fork (where available) skips re-importing torch, torchmetrics and lightning in each worker
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"

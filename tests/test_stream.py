@@ -9,14 +9,12 @@ import helpers as H
 import pytest
 import reference as ref
 import torch
-import torchvision
 from torch import nn
 
 from lightning_cka import compare
 from lightning_cka.capture import GramCapture, HookSet
 from lightning_cka.layers import HookPoint, backbone_of, find_backbones, hook_points, resolve_layers
 
-TOL32 = 1e-5
 TIMM_STREAM = ["blocks.0.norm2:in", "blocks.0", "blocks.1.norm2:in", "blocks.1"]
 TV = [f"encoder.layers.encoder_layer_{i}" for i in range(2)]
 TV_STREAM = [n for b in TV for n in (f"{b}.ln_2:in", b)]
@@ -24,16 +22,9 @@ TV_SUB = [f"{b}.{s}" for b in TV for s in ("self_attention", "mlp")]
 RESNET18 = [f"layer{s}.{j}" for s in range(1, 5) for j in range(2)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from H.one_thread()
-
-
 def tv_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return torchvision.models.VisionTransformer(
-        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
-    ).eval()
+    """:func:`helpers.tv_vit` with torchvision's default 1000-class head, in eval mode."""
+    return H.tv_vit(seed, num_classes=1000).eval()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +34,7 @@ def vit() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def images() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    return [torch.randn(n, 3, 32, 32, generator=g) for n in (8, 7, 6)]
+    return H.random_images(3, (8, 7, 6))
 
 
 def timm_stream(vit: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -74,12 +64,6 @@ def tv_stream(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
             z = z + blk.mlp(blk.ln_2(z))
             out.append(z)
     return out
-
-
-def centred_gram(x: torch.Tensor) -> torch.Tensor:
-    m = x.detach().double().flatten(1)
-    m = m - m.mean(0)
-    return m @ m.T
 
 
 def captured_grams(model: nn.Module, names: list[str], x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +164,7 @@ def test_gram_at_norm2_input_is_the_stream_after_attention(vit, images):
     grams = captured_grams(vit, [*TIMM_STREAM, "blocks.0.norm2"], x)
     hand = timm_stream(vit, x)
     for k, z in zip(grams[:4], hand, strict=True):
-        expected = centred_gram(z)
+        expected = H.centred_gram(z)
         assert float((k - expected).abs().max() / expected.abs().max()) < 1e-10
     # z' is neither the normalised stream nor the block output
     assert not torch.allclose(grams[0], grams[4]) and not torch.allclose(grams[0], grams[1])
@@ -191,7 +175,7 @@ def test_gram_at_ln_2_input_is_the_stream_after_attention(images):
     x = images[0]
     grams = captured_grams(model, TV_STREAM, x)
     for k, z in zip(grams, tv_stream(model, x), strict=True):
-        expected = centred_gram(z)
+        expected = H.centred_gram(z)
         assert float((k - expected).abs().max() / expected.abs().max()) < 1e-10
 
 
@@ -201,7 +185,7 @@ def test_compare_stream_matches_reference(vit, images, arch):
     result = compare(model, images, layers="stream", progress=False)
     assert result.rows == result.cols == names
     acts = [manual(model, x) for x in images]
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
 
 
 def tv_branches(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -226,7 +210,7 @@ def test_torchvision_sublayers_use_attention_output(images):
     result = compare(model, images, layers="sublayers", progress=False)
     assert result.rows == TV_SUB
     acts = [tv_branches(model, x) for x in images]
-    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < TOL32
+    assert ref.max_abs_err(result.matrix, ref.minibatch_cka(acts)) < H.TOL32
 
 
 def test_stream_on_compiled_model(vit, images):
