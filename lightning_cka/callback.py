@@ -36,7 +36,7 @@ from lightning_cka.functional import Precision
 from lightning_cka.layers import LayerSpec, backbone_of, resolve_layers
 from lightning_cka.loggers import log_custom_scalar_layout, log_figure, log_scalars, log_text, run_dir, unique_path
 from lightning_cka.metric import resolve_precision
-from lightning_cka.plotting import short_names
+from lightning_cka.plotting import common_prefix, short_names
 
 __all__ = ["CKACallback"]
 
@@ -52,7 +52,10 @@ class CKACallback(Callback):
     number of batches. Metrics' ``compute()`` is a collective and runs on every rank; only
     global rank zero logs.
 
-    Logged per measured validation, with ``prefix = log_prefix``:
+    Logged per measured validation, at the step of Lightning's own validation scalars, with
+    ``prefix = log_prefix``. Layer names in tags, axis labels and legends drop the attribute
+    that holds the network (``model.blocks.0`` is shown as ``blocks.0``); files and ``history``
+    keep full names.
 
     - images ``{prefix}/self`` (and ``{prefix}/reference`` with a reference model): heatmaps on
       a fixed 0..1 scale, layer names on the axes, the epoch in the title;
@@ -68,7 +71,7 @@ class CKACallback(Callback):
     only the first CKACallback of a Trainer that asks for one runs it):
 
     - skip-connection norm ratios ``norm_ratio/<block>/<unit>/<tokens>`` (e.g.
-      ``norm_ratio/model.blocks.0/attn/cls``), a figure ``norm_ratio/curves`` and a TensorBoard
+      ``norm_ratio/blocks.0/attn/cls``), a figure ``norm_ratio/curves`` and a TensorBoard
       custom-scalars layout grouping them;
     - mean attention distances of timm ViTs, ``attention_distance/<layer>`` (mean over heads, in
       pixels) and a per-head scatter figure ``attention_distance/heads``.
@@ -481,9 +484,31 @@ class CKACallback(Callback):
             report = self._guard(analysis, "report", analysis.report, record[analysis.key], record["epoch"], step)
             if report is None:
                 continue
+            report = self._shorten(report)
             scalars.update(report.scalars)
             self._write(trainer, analysis, report, record["step"], step)
         self._guard_sink("scalars", log_scalars, trainer, scalars, step)
+
+    def _shorten(self, report: Report) -> Report:
+        """Tags without the LightningModule attribute that holds the network (``model.`` in
+        ``norm_ratio/model.blocks.0/attn/cls``), like the axis labels; files keep full names."""
+        prefix = common_prefix(self.rows)
+        if not prefix:
+            return report
+
+        def tag(name: str) -> str:
+            return "/".join(part.removeprefix(prefix) for part in name.split("/"))
+
+        def charts(layout: dict[str, list[str]]) -> dict[str, list[str]]:
+            return {chart: [tag(regex) for regex in regexes] for chart, regexes in layout.items()}
+
+        return Report(
+            scalars={tag(k): v for k, v in report.scalars.items()},
+            figures={tag(k): v for k, v in report.figures.items()},
+            matrices=report.matrices,
+            captions={tag(k): v for k, v in report.captions.items()},
+            layouts={category: charts(layout) for category, layout in report.layouts.items()},
+        )
 
     def _write(self, trainer: pl.Trainer, analysis: Analysis, report: Report, record_step: int, step: int) -> None:
         for tag, fig in report.figures.items():

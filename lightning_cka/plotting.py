@@ -18,7 +18,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
-__all__ = ["READABLE", "figure_to_array", "plot_cka_heatmap", "plot_series", "readable", "short_names"]
+__all__ = [
+    "READABLE",
+    "common_prefix",
+    "figure_to_array",
+    "plot_cka_heatmap",
+    "plot_series",
+    "readable",
+    "short_names",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -187,6 +195,23 @@ def figure_to_array(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def common_prefix(names: Sequence[str]) -> str:
+    """The dotted prefix that :func:`short_names` removes (``""`` when none), e.g. the
+    LightningModule attribute holding the network.
+
+    Example:
+        >>> common_prefix(["model.blocks.0.attn", "model.blocks.1.attn"])
+        'model.'
+        >>> common_prefix(["blocks.0", "blocks.1"])
+        ''
+    """
+    names = list(names)
+    if not names:
+        return ""
+    short = short_names(names)
+    return names[0][: len(names[0]) - len(short[0])]
+
+
 def short_names(names: Sequence[str]) -> list[str]:
     """Display names: ``names`` without the dotted prefix they all share (a container name such
     as ``blocks`` stays before an index; a lone name is kept whole).
@@ -199,7 +224,7 @@ def short_names(names: Sequence[str]) -> list[str]:
     """
     names = list(names)
     if len(names) < 2:
-        return names
+        return [n.split(".", 1)[1] if "." in n and len(n.split(".")) > 2 else n for n in names]
     parts = [n.split(".") for n in names]
     common = 0
     while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:

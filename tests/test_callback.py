@@ -94,7 +94,7 @@ def test_tensorboard_scalars(vit_run):
     scalars = set(acc.Tags()["scalars"])
     cb = vit_run.cb
     expected = {"cka/self/adjacent_mean", "cka/reference/best_match_mean"} | {
-        f"cka/self/to_last/{row}" for row in cb.rows
+        f"cka/self/to_last/{row.removeprefix('model.')}" for row in cb.rows
     }
     assert expected <= scalars
     steps = [e.step for e in acc.Scalars("val_loss")]
@@ -105,9 +105,9 @@ def test_tensorboard_scalars(vit_run):
         m = record["self"].matrix
         assert event.value == pytest.approx(float(torch.diagonal(m, 1).mean()), abs=1e-6)
     for i, row in enumerate(cb.rows):
-        for event, record in zip(acc.Scalars(f"cka/self/to_last/{row}"), cb.history, strict=True):
+        for event, record in zip(acc.Scalars(f"cka/self/to_last/{row.removeprefix('model.')}"), cb.history, strict=True):
             assert event.value == pytest.approx(float(record["self"].matrix[i, -1]), abs=1e-6)
-    last_row = acc.Scalars(f"cka/self/to_last/{cb.rows[-1]}")
+    last_row = acc.Scalars(f"cka/self/to_last/{cb.rows[-1].removeprefix('model.')}")
     assert all(e.value == pytest.approx(1.0, abs=1e-6) for e in last_row)
     for event, record in zip(acc.Scalars("cka/reference/best_match_mean"), cb.history, strict=True):
         m = record["reference"].matrix

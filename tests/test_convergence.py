@@ -113,7 +113,7 @@ def test_tensorboard_scalars_image_and_caption(run):
     acc = events(run.log_dir)
     for against in ("previous", "first"):
         for i, name in enumerate(LAYERS):
-            got = [e.value for e in acc.Scalars(f"cka/convergence/{against}/{name}")]
+            got = [e.value for e in acc.Scalars(f"cka/convergence/{against}/{name.removeprefix('model.')}")]
             expected = [r["convergence"][against][name] for r in run.cb.history[1:]]
             assert got == pytest.approx(expected, abs=1e-6), (against, i)
     images = acc.Images("cka/convergence")

@@ -311,7 +311,7 @@ def test_callback_tensorboard(tmp_path: Path):
 
     acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
-    tag = "localization/model.blocks.1"
+    tag = "localization/blocks.1"  # tags drop the `model.` attribute; files keep full names
     assert tag in acc.Tags()["images"]
     image = acc.Images(tag)[-1]
     assert image.width >= 100 and image.height >= 100

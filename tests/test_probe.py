@@ -447,11 +447,11 @@ def test_callback_logs_probe_scalars_image_caption_and_history(tmp_path):
         assert all(set(pools) == {"cls", "mean"} for pools in value.values())
         assert all(0.0 <= acc <= 1.0 for pools in value.values() for acc in pools.values())
     acc = events(logger.log_dir)
-    expected = {f"probe/{row}/{pool}" for row in cb.rows for pool in ("cls", "mean")}
+    expected = {f"probe/{row.removeprefix('model.')}/{pool}" for row in cb.rows for pool in ("cls", "mean")}
     assert expected <= set(acc.Tags()["scalars"])
     steps = [e.step for e in acc.Scalars("val_loss")]
     for row in cb.rows:
-        events_ = acc.Scalars(f"probe/{row}/mean")
+        events_ = acc.Scalars(f"probe/{row.removeprefix('model.')}/mean")
         assert [e.step for e in events_] == steps
         assert [e.value for e in events_] == pytest.approx([r["probe"][row]["mean"] for r in cb.history], abs=1e-6)
     images = acc.Images("probe/accuracy")

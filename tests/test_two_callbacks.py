@@ -28,8 +28,8 @@ def test_two_callbacks_with_different_prefixes(tmp_path):
     acc = H.events(logger.log_dir)
     assert {"cka/self", "cka_mlp/self"} <= set(acc.Tags()["images"])
     assert len(acc.Images("cka/self")) == len(acc.Images("cka_mlp/self")) == 2
-    assert "cka_mlp/self/to_last/model.blocks.2.mlp" in acc.Tags()["scalars"]
-    assert "cka/self/to_last/model.blocks.2.mlp" in acc.Tags()["scalars"]
+    assert "cka_mlp/self/to_last/blocks.2.mlp" in acc.Tags()["scalars"]
+    assert "cka/self/to_last/blocks.2.mlp" in acc.Tags()["scalars"]
     assert len(list((Path(logger.log_dir) / "cka").glob("self_*.npz"))) == 2
     assert len(list((Path(logger.log_dir) / "cka_mlp").glob("self_*.npz"))) == 2
 
@@ -59,11 +59,11 @@ def test_two_callbacks_keep_separate_state_and_tags(tmp_path):
     tags = H.tb_tags(logger.log_dir)
     assert tags["cka/self"] == tags["cka_mlp/self"] == tags["cka_mlp/reference"] == 2
     assert "cka/reference" not in tags
-    assert tags["cka/self/to_last/model.blocks.2.mlp"] == tags["cka_mlp/self/to_last/model.blocks.2.mlp"] == 2
+    assert tags["cka/self/to_last/blocks.2.mlp"] == tags["cka_mlp/self/to_last/blocks.2.mlp"] == 2
     captions = [t for t in tags if t.endswith("/text_summary")]
     norm = [t for t in tags if t.startswith("norm_ratio/") and t not in captions]
     dist = [t for t in tags if t.startswith("attention_distance/") and t not in captions]
-    assert "norm_ratio/model.blocks.0/attn/cls" in norm and "attention_distance/model.blocks.0.attn" in dist
+    assert "norm_ratio/blocks.0/attn/cls" in norm and "attention_distance/blocks.0.attn" in dist
     assert all(tags[t] == 2 for t in norm + dist), {t: tags[t] for t in norm + dist}  # once per validation
     # a figure's caption comes with its first appearance only
     assert "attention_distance/heads/text_summary" in captions
