@@ -105,7 +105,8 @@ def test_tensorboard_scalars(vit_run):
         m = record["self"].matrix
         assert event.value == pytest.approx(float(torch.diagonal(m, 1).mean()), abs=1e-6)
     for i, row in enumerate(cb.rows):
-        for event, record in zip(acc.Scalars(f"cka/self/to_last/{row.removeprefix('model.')}"), cb.history, strict=True):
+        tag = f"cka/self/to_last/{row.removeprefix('model.')}"
+        for event, record in zip(acc.Scalars(tag), cb.history, strict=True):
             assert event.value == pytest.approx(float(record["self"].matrix[i, -1]), abs=1e-6)
     last_row = acc.Scalars(f"cka/self/to_last/{cb.rows[-1].removeprefix('model.')}")
     assert all(e.value == pytest.approx(1.0, abs=1e-6) for e in last_row)
