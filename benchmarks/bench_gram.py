@@ -1,6 +1,6 @@
 """Where the time of one ``gram`` call goes on this machine (CPU by default).
 
-For activations of shape (n, p) (the §7 workload: n = 256, p = 65 x 192 = 12 480) and each
+For activations of shape (n, p) (the benchmark workload: n = 256, p = 65 x 192 = 12 480) and each
 product dtype, times the pieces of ``lightning_cka.functional.gram`` and the alternatives it was
 chosen over: the full product ``X @ X.T``, the lower block triangle by row blocks (the previous
 version) and by column blocks (the current ``_symmetric_product``), the centring alone, and the

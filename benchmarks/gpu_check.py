@@ -1,4 +1,4 @@
-"""Correctness checks that need a CUDA device (run on a lent GPU machine; prints PASS/FAIL lines).
+"""Correctness checks that need a CUDA device (run on a machine with a GPU; prints PASS/FAIL lines).
 
 1. MinibatchCKA on CUDA (float32, bfloat16, float64 Grams) against an independent float64
    reference of the unbiased HSIC formula computed on the CPU, also for large-mean activations.
