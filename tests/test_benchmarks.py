@@ -92,7 +92,7 @@ def test_bench_scaling_quick(bench, tmp_path):
     assert plot.stat().st_size > 0
 
 
-@pytest.mark.xfail(reason="bench_analyses --small result layout is being reworked (summary per allocator)", strict=False)
+@pytest.mark.xfail(reason="bench_analyses --small result layout is being reworked", strict=False)
 def test_bench_analyses_small(bench, tmp_path, capsys):
     analyses = bench("bench_analyses")
     out = tmp_path / "analyses.json"
