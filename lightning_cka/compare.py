@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from lightning_cka.capture import REDUCTIONS, GramCapture, HookSet, OutputSelect
 from lightning_cka.compiled import EagerWhileMeasuring
 from lightning_cka.functional import Precision
 from lightning_cka.layers import LayerSpec, resolve_layers
-from lightning_cka.metric import MinibatchCKA, resolve_precision
+from lightning_cka.metric import MinibatchCKA, _renamed, resolve_precision
 
 __all__ = ["CKAResult", "compare"]
 
@@ -165,16 +164,6 @@ def _check_arguments(
         raise ValueError(
             f"`precision` must be one of 'float32', 'bfloat16', 'float64' or a matching torch dtype, got {precision!r}."
         ) from None
-
-
-def _renamed(old: str, old_value: Any, new: str, new_value: Any) -> Any:
-    """The value of a renamed argument, accepting its old name for one release (with a warning)."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise TypeError(f"Pass `{new}` only; `{old}` is its deprecated name.")
-    warnings.warn(f"`{old}` is deprecated; use `{new}` (same meaning).", DeprecationWarning, stacklevel=3)
-    return old_value
 
 
 def _progress(iterable: Iterable[Any], enabled: bool, total: int | None) -> Iterable[Any]:

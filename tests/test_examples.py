@@ -166,7 +166,7 @@ def test_docs_build(tmp_path):
 
 
 def test_gpu_levers_benchmark_smoke_run_on_cpu(tmp_path):
-    """benchmarks/gpu_levers.py is meant for a lent GPU; its --small mode must run anywhere and
+    """benchmarks/gpu_levers.py is meant for a machine with a GPU; its --small mode must run anywhere and
     report errors that match the precision of each variant."""
     import json
 
