@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="GIF to write (default: RUN_DIR/cka_self.gif; with several runs under RUN_DIR, "
-        "<run>/cka_self.gif for each)",
+        help="GIF to write (default: <prefix>_self.gif next to each folder of matrices, e.g. "
+        "RUN_DIR/cka_self.gif for RUN_DIR/cka/self_step*.npz; one per folder when RUN_DIR holds several)",
     )
     animate.add_argument("--fps", type=float, default=2.0, help="frames per second")
     return parser
@@ -201,8 +201,8 @@ def _run_animate(args: argparse.Namespace) -> int:
         return _fail("animate", f"{len(groups)} runs under {args.run_dir} ({names}): give one of them, or no --out")
     if args.fps <= 0:
         return _fail("animate", f"--fps must be positive, got {args.fps}")
-    for run_dir in groups:
-        out = args.out if args.out is not None else run_dir / "cka_self.gif"
+    for run_dir in groups:  # folders holding self_step*.npz
+        out = args.out if args.out is not None else run_dir.parent / f"{run_dir.name}_self.gif"
         if out.suffix.lower() != ".gif":
             return _fail("animate", f"--out must end in .gif, got {out}")
         if out.is_dir() or (out.parent.exists() and not os.access(out.parent, os.W_OK)):

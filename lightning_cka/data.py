@@ -2,7 +2,8 @@
 
 - ``"strokes"`` (default): stroke glyphs generated from a seed (nothing is downloaded or
   shipped): ten classes (seven-segment 0-7, X and T) drawn with straight strokes of random
-  width, size, aspect, rotation and position, with two short distractor strokes and pixel noise.
+  width, size, aspect, rotation and position (optionally with short distractor strokes and pixel
+  noise, which make the ViT's residual stream much less uniform; see docs/paper-figures.md).
 - ``"digits"``: scikit-learn's 1,797 handwritten 8 x 8 digits (needs ``pip install
   'lightning-cka[demo]'``).
 - ``"cifar10"``: CIFAR-10 through torchvision (downloaded on first use).
@@ -107,12 +108,12 @@ GLYPHS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afedcg", "abc", "h
 CLASS_NAMES = ("0", "1", "2", "3", "4", "5", "6", "7", "X", "T")
 
 _STROKE_DEFAULTS = {
-    "train_size": 24000,
+    "train_size": 20000,
     "val_size": 1024,
     "img_size": 32,
     "jitter": 0.125,
-    "distractors": 2,
-    "noise": 0.15,
+    "distractors": 0,
+    "noise": 0.0,
 }
 
 
@@ -121,8 +122,8 @@ def make_strokes(
     seed: int = 0,
     img_size: int = 32,
     jitter: float = 0.125,
-    distractors: int = 2,
-    noise: float = 0.15,
+    distractors: int = 0,
+    noise: float = 0.0,
     chunk: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` stroke glyphs: ``(images uint8 (n, 1, img_size, img_size), labels)``, deterministic in ``seed``.

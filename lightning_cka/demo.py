@@ -58,7 +58,7 @@ class DemoConfig:
     train_size: int | None = None
     data_dir: Path = Path("./data")
     models: tuple[str, ...] = MODELS
-    epochs: dict[str, int] = field(default_factory=lambda: {"resnet": 3, "vit": 12})
+    epochs: dict[str, int] = field(default_factory=lambda: {"resnet": 2, "vit": 4})
     batch_size: int = 64
     #: input resolution (``None``: the dataset's own)
     img_size: int | None = None
@@ -73,10 +73,10 @@ class DemoConfig:
     #: ViT size: width, depth, heads, MLP ratio
     vit_dim: int = 64
     vit_depth: int = 6
-    vit_heads: int = 4
+    vit_heads: int = 2
     vit_mlp_ratio: float = 2.0
     #: start the learned position embedding from 2-D sin-cos values of this temperature (0: timm's random init)
-    vit_sincos_temperature: float = 100.0
+    vit_sincos_temperature: float = 10.0
     #: ResNet: BasicBlocks per stage and the width of the first stage
     resnet_layers: tuple[int, ...] = (2, 2, 2, 2)
     resnet_width: int = 16
@@ -128,7 +128,7 @@ def build_model(
     raise ValueError(f"Unknown model {kind!r}; choose from {MODELS}.")
 
 
-def init_sincos_pos_embed(vit: nn.Module, temperature: float = 100.0) -> None:
+def init_sincos_pos_embed(vit: nn.Module, temperature: float = 10.0) -> None:
     """Start a timm ViT's learned position embedding from 2-D sine-cosine values (as in MAE and
     MoCo v3; the class token's slot gets zeros). It stays a trained parameter: only its starting
     point changes, from timm's small random values (std 0.02) to one where nearby patches have
@@ -494,7 +494,7 @@ def animate_run(folder: Path, out: Path, fps: float = 2.0, title: str | None = N
     shapes = {tuple(r.matrix.shape) for r in results}
     if len(shapes) > 1:
         raise ValueError(f"the matrices in {folder} have different shapes {sorted(shapes)}; cannot animate them")
-    name = title or Path(folder).parent.name
+    name = title or DISPLAY.get(Path(folder).parent.name, Path(folder).parent.name)
 
     def label(r: CKAResult, path: Path) -> str:
         epoch, step = r.meta.get("epoch"), r.meta.get("step", _step(path)[0])
@@ -593,13 +593,14 @@ def write_summary(run: DemoRun, path: Path, columns: int = 4) -> Path:
     if distances:
         names = sorted(distances, key=_block_index)
         heads = [[float(v) for v in torch.as_tensor(distances[n]).flatten()] for n in names]
-        hlines = None
+        hlines, ylim = None, None
         try:
             from lightning_cka.attention import uniform_attention_distance
 
             grid = vit.model.patch_embed.grid_size  # type: ignore[union-attr]
             patch = vit.model.patch_embed.patch_size  # type: ignore[union-attr]
-            hlines = {"uniform attention": uniform_attention_distance(tuple(grid), tuple(patch))[0]}
+            uniform, largest = uniform_attention_distance(tuple(grid), tuple(patch))
+            hlines, ylim = {"uniform attention": uniform}, (0.0, largest * 1.02)
         except (AttributeError, ImportError, TypeError):
             pass
         plot_series(
@@ -607,6 +608,7 @@ def write_summary(run: DemoRun, path: Path, columns: int = 4) -> Path:
             ax=bottom[2],
             scatter=True,
             hlines=hlines,
+            ylim=ylim,
             title="Mean attention distance per head (pixels)",
             ylabel="pixels",
         )

@@ -174,7 +174,6 @@ def test_animate_cli(demo_run, tmp_path, capsys):
         assert gif.format == "GIF" and gif.n_frames == 2
 
 
-@pytest.mark.xfail(reason="animate on a whole run does not yet write the ResNet's GIF", strict=False)
 def test_animate_cli_whole_run_and_errors(demo_run, tmp_path, capsys):
     assert cli.main(["animate", str(demo_run.run_dir)]) == 0  # one GIF per model
     printed = capsys.readouterr().out
