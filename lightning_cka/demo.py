@@ -80,8 +80,13 @@ class DemoConfig:
     #: ResNet: BasicBlocks per stage and the width of the first stage
     resnet_layers: tuple[int, ...] = (2, 2, 2, 2)
     resnet_width: int = 16
+    #: LayerScale init of the ViT's residual branches (``None``: no LayerScale, timm's default)
+    vit_init_values: float | None = None
     #: validation examples used for attention distances per batch
     attention_max_examples: int | None = 32
+    #: per-layer linear probes (both models) and the ViT's spatial localization map
+    probes: bool = True
+    localization: bool = True
     #: write the ViT's animated GIF
     gif: bool = True
 
@@ -121,6 +126,7 @@ def build_model(
             depth=cfg.vit_depth,
             num_heads=cfg.vit_heads,
             mlp_ratio=cfg.vit_mlp_ratio,
+            init_values=cfg.vit_init_values,
         )
         if cfg.vit_sincos_temperature:
             init_sincos_pos_embed(vit, cfg.vit_sincos_temperature)
@@ -225,6 +231,7 @@ class DemoRun:
     checks: dict[str, Any] = field(default_factory=dict)
     summary: Path | None = None
     gif: Path | None = None
+    num_classes: int = 10
 
 
 def new_run_dir(out: Path) -> Path:
@@ -263,6 +270,8 @@ def _train(name: str, data: DatasetSpec, cfg: DemoConfig, run_dir: Path, referen
         reference=reference,
         reference_layers="stream",
         attention_max_examples=cfg.attention_max_examples,
+        probes=cfg.probes,
+        localization=cfg.localization and name == "vit",
     )
     logger = TensorBoardLogger(str(run_dir), name=name, version="", default_hp_metric=False)
     trainer = pl.Trainer(
@@ -315,7 +324,7 @@ def run_demo(cfg: DemoConfig) -> DemoRun:
     finally:
         if not inherited:
             os.environ.pop(RUN_DIR_ENV, None)
-    run = DemoRun(run_dir, cfg, data.name, results, time.perf_counter() - start)
+    run = DemoRun(run_dir, cfg, data.name, results, time.perf_counter() - start, num_classes=data.num_classes)
     if pl.utilities.rank_zero_only.rank != 0:
         return run
     run.checks = paper_checks(run_dir)
@@ -385,9 +394,14 @@ def paper_checks(run_dir: Path) -> dict[str, Any]:
     - ``attention_distance``: last ``attention_distance/<block>`` of each ViT block (mean over
       heads, pixels) and ``local_global_ratio`` = the lowest among the first half of the blocks
       over the last block's (the paper: local heads low, global heads high; here: at most 0.8);
-    - ``accuracy``: last ``val/acc`` of each model.
+    - ``accuracy``: last ``val/acc`` of each model;
+    - reported without a target: ``probe`` (each model's last ``probe/<layer>/<pool>`` accuracy
+      at its first and last layer, per pool), ``localization`` (the ViT's last
+      ``localization/<layer>/diagonal`` and ``hit_rate``) and ``convergence_first`` (each model's
+      last ``convergence/first/<layer>``: CKA of the layer now to itself at the first epoch).
     """
     from lightning_cka.compare import CKAResult
+    from lightning_cka.plotting import short_names
 
     run_dir = Path(run_dir)
     checks: dict[str, Any] = {"run_dir": str(run_dir)}
@@ -400,8 +414,11 @@ def paper_checks(run_dir: Path) -> dict[str, Any]:
         if not log_dir.is_dir():
             continue
         files = _self_files(log_dir)
+        order: list[str] = []  # the self layers in model order, as tags name them
         if files:
-            uniform[name] = uniformity(CKAResult.load(files[-1]).matrix)
+            last_self = CKAResult.load(files[-1])
+            uniform[name] = uniformity(last_self.matrix)
+            order = short_names(list(last_self.rows))
         scalars = read_scalars(log_dir)
         norm = _last(scalars, "norm_ratio/")
         if norm:
@@ -410,6 +427,23 @@ def paper_checks(run_dir: Path) -> dict[str, Any]:
             accuracy[name] = scalars["val/acc"][-1][1]
         if name == "vit":
             distances = _last(scalars, "attention_distance/")
+            local = _last(scalars, "localization/")
+            if local:
+                checks.setdefault("localization", {}).update(local)
+        probes = _last(scalars, "probe/")
+        if probes:
+            by_pool: dict[str, list[tuple[str, float]]] = {}
+            for tag, value in probes.items():
+                layer, pool = tag.rsplit("/", 1)
+                by_pool.setdefault(pool, []).append((layer, value))
+            for values in by_pool.values():
+                values.sort(key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+            checks.setdefault("probe", {})[name] = {
+                pool: {"first_layer": values[0][1], "last_layer": values[-1][1]} for pool, values in by_pool.items()
+            }
+        first = {tag.rsplit("/", 1)[-1]: v for tag, v in _last(scalars, "cka/convergence/first/").items()}
+        if first:
+            checks.setdefault("convergence_first", {})[name] = first
     checks["uniformity"] = uniform
     checks["norm_ratio_median"] = ratios
     checks["accuracy"] = accuracy
@@ -438,6 +472,23 @@ def _block_index(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1, name)
 
 
+def _probe_lines(checks: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for name, pools in checks.get("probe", {}).items():
+        parts = [f"{pool} {v['first_layer']:.2f} -> {v['last_layer']:.2f}" for pool, v in sorted(pools.items())]
+        lines.append(f"  {DISPLAY.get(name, name):<7}" + ", ".join(parts))
+    return lines
+
+
+def _localization_line(checks: Mapping[str, Any]) -> str | None:
+    local = checks.get("localization", {})
+    diagonal = [v for k, v in local.items() if k.endswith("/diagonal")]
+    hits = [v for k, v in local.items() if k.endswith("/hit_rate")]
+    if not diagonal or not hits:
+        return None
+    return f"ViT localization: diagonal {diagonal[0]:.2f}, hit rate {hits[0]:.0%}"
+
+
 def print_report(run: DemoRun) -> None:
     """What ``lightning-cka demo`` prints at the end."""
     print(f"\nRun folder: {run.run_dir}  (dataset {run.dataset}, seed {run.config.seed})")
@@ -452,6 +503,11 @@ def print_report(run: DemoRun) -> None:
         print(f"  median skip-connection norm ratio: {parts}")
     if "local_global_ratio" in c:
         print(f"  attention distance, most local early block / last block: {c['local_global_ratio']:.2f}")
+    if c.get("probe"):
+        print("  linear probe accuracy, first -> last layer:")
+        print("\n".join("  " + line for line in _probe_lines(c)))
+    if _localization_line(c):
+        print(f"  {_localization_line(c)}")
     for target, ok in c.get("targets", {}).items():
         print(f"  [{'x' if ok else ' '}] {target}")
     if run.summary:
@@ -532,48 +588,104 @@ def _short(name: str) -> str:
 
 
 def write_summary(run: DemoRun, path: Path, columns: int = 4) -> Path:
-    """One-page PNG naming the run: each model's self-CKA heatmaps at a few epochs side by side
-    (how they changed over training), the ViT x ResNet heatmap, norm ratios, attention distances
-    per head and the paper checks."""
-    import torch
+    """One-page PNG naming the run, panels filled row by row (a model that was not run leaves its
+    panels out): the ViT's self-CKA heatmaps at up to ``columns`` epochs and the ResNet's at its
+    first and last (how they changed over training), the ViT x ResNet heatmap, the ViT's layer
+    convergence, norm ratios, attention distances per head, linear-probe accuracy per layer and
+    the ViT's localization map; the paper checks as text underneath."""
+    import math
+
     from matplotlib.figure import Figure
 
-    from lightning_cka.plotting import plot_cka_heatmap, plot_series
-
     results = {r.name: r for r in run.results}
-    rows = len(results) + 1
-    fig = Figure(figsize=(5.2 * columns, 4.6 * rows), dpi=80)
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for row, result in enumerate(results.values()):
-        records = _pick(result.callback.history, columns)
-        for col in range(columns):
-            ax = axes[row][col]
-            if col >= len(records):
-                ax.set_axis_off()
-                continue
-            cka: CKAResult = records[col]["self"]
-            title = f"{DISPLAY[result.name]} self-CKA, epoch {records[col]['epoch']}"
-            if col == len(records) - 1:
-                title += f" ({result.accuracy:.1%} acc)"
-            names = [_short(n) for n in cka.rows]
-            plot_cka_heatmap(cka.matrix, names, names, ax=ax, title=title)
-
-    bottom = axes[-1]
+    panels: list[Any] = []  # callables drawing into one axes
+    for name, count in (("vit", columns), ("resnet", 2)):
+        result = results.get(name)
+        if result is not None:
+            for record in _pick(result.callback.history, count):
+                panels.append(lambda ax, r=result, rec=record: _draw_self(ax, r, rec))
     vit = results.get("vit")
     last_vit = vit.callback.history[-1] if vit and vit.callback.history else {}
     if "reference" in last_vit:
-        cka = last_vit["reference"]
-        plot_cka_heatmap(
-            cka.matrix,
-            [_short(n) for n in cka.rows],
-            [_short(n) for n in cka.cols],
-            ax=bottom[0],
-            title=f"ViT x ResNet CKA, epoch {last_vit['epoch']}",
-            xlabel="ResNet layer",
-            ylabel="ViT layer",
-        )
-    else:
-        bottom[0].set_axis_off()
+        panels.append(lambda ax: _draw_reference(ax, last_vit))
+    if vit is not None and any("convergence" in r for r in vit.callback.history):
+        panels.append(lambda ax: _draw_convergence(ax, vit))
+    if any(r.callback.history and r.callback.history[-1].get("norm_ratio") for r in results.values()):
+        panels.append(lambda ax: _draw_norm_ratios(ax, results))
+    if last_vit.get("attention_distance"):
+        panels.append(lambda ax: _draw_attention(ax, vit, last_vit["attention_distance"]))
+    if any(r.callback.history and r.callback.history[-1].get("probe") for r in results.values()):
+        panels.append(lambda ax: _draw_probes(ax, results, run.num_classes))
+    if last_vit.get("localization"):
+        panels.append(lambda ax: _draw_localization(ax, last_vit["localization"]))
+
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig = Figure(figsize=(5.2 * columns, 4.6 * rows + 2.6), dpi=80)
+    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[4.6] * rows + [2.2])
+    for index, draw in enumerate(panels):
+        draw(fig.add_subplot(grid[index // columns, index % columns]))
+    text = fig.add_subplot(grid[rows, :])
+    text.set_axis_off()
+    lines = _checks_text(run).split("\n")
+    half = (len(lines) + 1) // 2
+    for x, part in ((0.0, lines[:half]), (0.5, lines[half:])):
+        block = "\n".join(part)
+        text.text(x, 1.0, block, va="top", ha="left", family="monospace", fontsize=10, transform=text.transAxes)
+    fig.suptitle(f"lightning-cka demo: {run.run_dir}  (dataset {run.dataset}, seed {run.config.seed})", fontsize=14)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _draw_self(ax: Any, result: DemoResult, record: dict[str, Any]) -> None:
+    from lightning_cka.plotting import plot_cka_heatmap
+
+    cka: CKAResult = record["self"]
+    title = f"{DISPLAY[result.name]} self-CKA, epoch {record['epoch']}"
+    if record is result.callback.history[-1] or record["epoch"] == result.callback.history[-1].get("epoch"):
+        title += f" ({result.accuracy:.1%} acc)"
+    names = [_short(n) for n in cka.rows]
+    plot_cka_heatmap(cka.matrix, names, names, ax=ax, title=title)
+
+
+def _draw_reference(ax: Any, record: dict[str, Any]) -> None:
+    from lightning_cka.plotting import plot_cka_heatmap
+
+    cka = record["reference"]
+    plot_cka_heatmap(
+        cka.matrix,
+        [_short(n) for n in cka.rows],
+        [_short(n) for n in cka.cols],
+        ax=ax,
+        title=f"ViT x ResNet CKA, epoch {record['epoch']}",
+        xlabel="ResNet layer",
+        ylabel="ViT layer",
+    )
+
+
+def _draw_convergence(ax: Any, result: DemoResult) -> None:
+    """Layers x epochs, colour = CKA of each layer to itself at the previous validation."""
+    import math
+
+    from lightning_cka.plotting import plot_cka_heatmap
+
+    records = [r for r in result.callback.history if "convergence" in r]
+    layers = list(records[-1]["convergence"]["previous"])
+    matrix = [[float(r["convergence"]["previous"].get(layer, math.nan)) for r in records] for layer in layers]
+    plot_cka_heatmap(
+        matrix,
+        [_short(n) for n in layers],
+        [str(r["epoch"]) for r in records],
+        ax=ax,
+        title=f"{DISPLAY[result.name]} layer CKA to the previous epoch",
+        xlabel="epoch",
+        ylabel="layer",
+    )
+
+
+def _draw_norm_ratios(ax: Any, results: Mapping[str, DemoResult]) -> None:
+    from lightning_cka.plotting import plot_series
 
     series: dict[str, list[float]] = {}
     for result in results.values():
@@ -582,51 +694,90 @@ def write_summary(run: DemoRun, path: Path, columns: int = 4) -> Path:
             _, unit, group = key.rsplit("/", 2)
             label = DISPLAY[result.name] if result.name == "resnet" else f"{DISPLAY[result.name]} {unit} {group}"
             series.setdefault(label, []).append(float(value))
-    if series:
-        title = "Skip-connection norm ratio ||z|| / ||f(z)||"
-        plot_series(series, ax=bottom[1], title=title, ylabel="ratio", logy=True)
-        bottom[1].legend(fontsize=7)
-    else:
-        bottom[1].set_axis_off()
+    plot_series(series, ax=ax, title="Skip-connection norm ratio ||z|| / ||f(z)||", ylabel="ratio", logy=True)
+    ax.legend(fontsize=7)
 
-    distances = last_vit.get("attention_distance", {})
-    if distances:
-        names = sorted(distances, key=_block_index)
-        heads = [[float(v) for v in torch.as_tensor(distances[n]).flatten()] for n in names]
-        hlines, ylim = None, None
-        try:
-            from lightning_cka.attention import uniform_attention_distance
 
-            grid = vit.model.patch_embed.grid_size  # type: ignore[union-attr]
-            patch = vit.model.patch_embed.patch_size  # type: ignore[union-attr]
-            uniform, largest = uniform_attention_distance(tuple(grid), tuple(patch))
-            hlines, ylim = {"uniform attention": uniform}, (0.0, largest * 1.02)
-        except (AttributeError, ImportError, TypeError):
-            pass
-        plot_series(
-            {"ViT head": heads},
-            ax=bottom[2],
-            scatter=True,
-            hlines=hlines,
-            ylim=ylim,
-            title="Mean attention distance per head (pixels)",
-            ylabel="pixels",
-        )
-        bottom[2].plot(range(len(heads)), [sum(h) / len(h) for h in heads], color="k", label="ViT block mean")
-        bottom[2].legend(fontsize=7)
-    else:
-        bottom[2].set_axis_off()
+def _draw_attention(ax: Any, vit: DemoResult | None, distances: Mapping[str, Any]) -> None:
+    import torch
 
-    ax = bottom[3]
-    ax.set_axis_off()
-    ax.text(0.0, 1.0, _checks_text(run), va="top", ha="left", family="monospace", fontsize=9, transform=ax.transAxes)
-    for extra in bottom[4:]:
-        extra.set_axis_off()
-    fig.suptitle(f"lightning-cka demo: {run.run_dir}  (dataset {run.dataset}, seed {run.config.seed})", fontsize=14)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    from lightning_cka.plotting import plot_series
+
+    names = sorted(distances, key=_block_index)
+    heads = [[float(v) for v in torch.as_tensor(distances[n]).flatten()] for n in names]
+    hlines, ylim = None, None
+    try:
+        from lightning_cka.attention import uniform_attention_distance
+
+        grid = vit.model.patch_embed.grid_size  # type: ignore[union-attr]
+        patch = vit.model.patch_embed.patch_size  # type: ignore[union-attr]
+        uniform, largest = uniform_attention_distance(tuple(grid), tuple(patch))
+        hlines, ylim = {"uniform attention": uniform}, (0.0, largest * 1.02)
+    except (AttributeError, ImportError, TypeError):
+        pass
+    plot_series(
+        {"ViT head": heads},
+        ax=ax,
+        scatter=True,
+        hlines=hlines,
+        ylim=ylim,
+        title="Mean attention distance per head (pixels)",
+        ylabel="pixels",
+    )
+    ax.plot(range(len(heads)), [sum(h) / len(h) for h in heads], color="k", label="ViT block mean")
+    ax.legend(fontsize=7)
+
+
+def _draw_probes(ax: Any, results: Mapping[str, DemoResult], classes: int) -> None:
+    """Held-out probe accuracy against relative depth (0: first measured layer, 1: last)."""
+    for result in results.values():
+        record = result.callback.history[-1] if result.callback.history else {}
+        accuracy = record.get("probe")
+        if not accuracy:
+            continue
+        layers = list(accuracy)
+        depth = [i / max(1, len(layers) - 1) for i in range(len(layers))]
+        for pool in ("cls", "mean"):
+            values = [accuracy[layer].get(pool, float("nan")) for layer in layers]
+            if any(v == v for v in values):
+                ax.plot(depth, values, marker="o", markersize=3, label=f"{DISPLAY[result.name]} {pool}")
+    ax.axhline(1.0 / classes, color="0.35", linestyle="--", linewidth=1.2, label=f"chance (1/{classes})")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("relative depth (first to last measured layer)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("Linear probe per layer (5-fold CV)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _draw_localization(ax: Any, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    """The localization rows of nine query positions (corners, edge midpoints, centre), each
+    laid out on the patch grid, tiled 3 x 3 in one image; the query's own cell outlined."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    from lightning_cka.analyses.localization import default_queries
+
+    layer, entry = next(iter(entries.items()))
+    matrix = np.asarray(entry["matrix"], dtype=float)
+    h, w = (int(g) for g in entry["grid"])
+    queries = default_queries((h, w))
+    tile = np.full((3 * (h + 1) - 1, 3 * (w + 1) - 1), np.nan)
+    for k, (r, c) in enumerate(queries):
+        i, j = divmod(k, 3)
+        tile[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = matrix[r * w + c].reshape(h, w)
+    image = ax.imshow(np.ma.masked_invalid(tile), vmin=0.0, vmax=1.0, cmap="magma", interpolation="nearest")
+    for k, (r, c) in enumerate(queries):
+        i, j = divmod(k, 3)
+        ax.add_patch(Rectangle((j * (w + 1) + c - 0.5, i * (h + 1) + r - 0.5), 1, 1, fill=False, color="cyan", lw=1.2))
+    ax.figure.colorbar(image, ax=ax, label="CKA")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(
+        f"ViT localization, {_short(layer)} x input patches\n"
+        f"diagonal {entry['diagonal']:.2f}, hit rate {entry['hit_rate']:.0%} (cyan: the query token)",
+        fontsize=10,
+    )
 
 
 def _checks_text(run: DemoRun) -> str:
@@ -642,6 +793,11 @@ def _checks_text(run: DemoRun) -> str:
         lines += [f"  {DISPLAY[k]:<7}{v:.2f}" for k, v in r.items()]
     if "local_global_ratio" in c:
         lines.append(f"attention distance early/last: {c['local_global_ratio']:.2f}")
+    if c.get("probe"):
+        lines.append("probe accuracy, first -> last layer:")
+        lines += _probe_lines(c)
+    if _localization_line(c):
+        lines.append(str(_localization_line(c)))
     a = c.get("accuracy", {})
     if a:
         lines.append("accuracy: " + ", ".join(f"{DISPLAY[k]} {v:.1%}" for k, v in a.items()))

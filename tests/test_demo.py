@@ -134,6 +134,15 @@ def test_demo_end_to_end(demo_run):
     assert set(saved["targets"]) == {"vit_more_uniform", "norm_ratio_2x", "local_below_0.8_global", "accuracy_90"}
     assert 0 < saved["local_global_ratio"] < 2
     assert saved["seconds"]["total"] > 0
+    # probes on both models, localization on the ViT, convergence from the second epoch on
+    assert set(saved["probe"]) == {"resnet", "vit"}
+    assert set(saved["probe"]["vit"]) == {"cls", "mean"} and set(saved["probe"]["resnet"]) == {"mean"}
+    assert all(0.0 <= v["last_layer"] <= 1.0 for pools in saved["probe"].values() for v in pools.values())
+    assert set(saved["localization"]) == {"blocks.1/diagonal", "blocks.1/hit_rate"}
+    assert set(saved["convergence_first"]["vit"]) == {"blocks.0.norm2:in", "blocks.0", "blocks.1.norm2:in", "blocks.1"}
+    assert any(t.startswith("localization/") for t in scalars) and not any(
+        t.startswith("localization/") for t in read_scalars(run.run_dir / "resnet")
+    )
 
 
 def test_demo_runs_never_overwrite(tmp_path):
