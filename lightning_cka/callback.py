@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,13 @@ class CKACallback(Callback):
 
     The callback never stops or changes the user's training: a failure inside its own work (a
     reference model that fails, a file that cannot be written, a non-finite value) is warned
-    about once per cause and that analysis is skipped for that batch or validation.
+    about once per cause and that analysis is skipped for that batch or validation. Under DDP an
+    analysis whose ``compute()`` fails on some processes only is skipped on every process, and
+    the others never wait for it in a collective: each collective an analysis makes through
+    ``sum_over_ranks`` / ``all_gather`` of its :class:`~lightning_cka.analyses.SetupContext` is
+    preceded by a one-number all-reduce of "did a process fail", and every process meets once
+    more after ``compute()``. (Collectives an analysis makes by other means are safe only before
+    anything that can fail.)
 
     Args:
         layers: layers of the LightningModule: ``"auto"`` (residual blocks of a timm ViT, timm or
@@ -237,9 +244,10 @@ class CKACallback(Callback):
         self._batches = 0
         self._examples = 0
         self._validations = 0  # non-sanity validations of `fit` seen, for every_n_epochs
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, ...]] = set()
         self._pending_state: dict[str, Any] | None = None
         self._captioned: set[str] = set()
+        self._ranks = _Ranks(None)
 
     # ----------------------------------------------------------------- identity
     @property
@@ -259,6 +267,7 @@ class CKACallback(Callback):
                     f"Two CKACallbacks log under the same prefix {self.log_prefix!r}; "
                     "give each its own, e.g. CKACallback(..., log_prefix='cka_mlp')."
                 )
+        self._ranks = _Ranks(trainer)
         self.rows, self._capture = self._capture_layers(pl_module, self.layers, "layers")
         self.cols = []
         if self.reference is not None:
@@ -274,8 +283,8 @@ class CKACallback(Callback):
             precision=self.precision,
             short_names=short_names(self.rows),
             reference_short_names=short_names(self.cols),
-            sum_over_ranks=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
-            all_gather=lambda t: trainer.strategy.all_gather(t).reshape(trainer.world_size, *t.shape),
+            sum_over_ranks=self._checked(lambda t: trainer.strategy.reduce(t, reduce_op="sum")),
+            all_gather=self._checked(lambda t: trainer.strategy.all_gather(t).reshape(trainer.world_size, *t.shape)),
             world_size=trainer.world_size,
             input_key=self.input_key,
         )
@@ -424,7 +433,7 @@ class CKACallback(Callback):
         record: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         # compute() is a collective under DDP: every rank calls it, whatever it saw itself.
         for analysis in self._active_analyses:
-            value = self._guard(analysis, "compute", analysis.compute)
+            value = self._compute(analysis)
             if value is not None:
                 if isinstance(value, CKAResult):
                     value.meta.update(epoch=record["epoch"], step=record["step"])
@@ -451,6 +460,62 @@ class CKACallback(Callback):
             analysis.clear()
 
     # ------------------------------------------------------------ failure policy
+    def _checked(self, collective: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """``collective`` preceded, inside :meth:`_compute` under DDP, by the agreement of
+        :meth:`_Ranks.failed`: a process whose analysis failed meets the others there, and they raise
+        :class:`_PeerFailed` instead of waiting in a collective it will never join."""
+
+        def checked(t: Tensor) -> Tensor:
+            ranks = self._ranks
+            if ranks.computing:
+                if ranks.peer_failed is not None:  # already known: no more communication in this compute()
+                    raise _PeerFailed(ranks.peer_failed)
+                failed = ranks.failed(False)
+                if failed:
+                    ranks.peer_failed = failed
+                    raise _PeerFailed(failed)
+            return collective(t)
+
+        return checked
+
+    def _compute(self, analysis: Analysis) -> Any:
+        """``analysis.compute()`` on every rank; ``None`` on every rank when it failed on any."""
+        ranks = self._ranks
+        if ranks.world_size == 1:
+            return self._guard(analysis, "compute", analysis.compute)
+        ranks.computing, ranks.peer_failed = True, None
+        error: Exception | None = None
+        value = None
+        try:
+            value = analysis.compute()
+        except _PeerFailed:
+            pass
+        except Exception as err:
+            error = err
+        finally:
+            ranks.computing = False
+        # Every process meets here once, unless a collective check already told it who failed
+        # (then the processes that failed met it there).
+        failed = ranks.peer_failed if ranks.peer_failed is not None else ranks.failed(error is not None)
+        if not failed:
+            return value
+        others = [r for r in failed if r != ranks.rank]
+        if self.strict:
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                f"CKACallback ({self.log_prefix}): the {analysis.key!r} analysis failed in compute on process(es) "
+                f"{others} (strict=True); stopping this process too."
+            )
+        what = f"the {analysis.key!r} analysis"
+        if error is not None and len(failed) == ranks.world_size:
+            self._warn_once(what, "compute", error)  # failed everywhere (as a rule, alike): rank zero says it
+        elif error is not None:
+            self._warn_once(what, "compute", error, rank=ranks.rank)  # only this process knows the cause
+        if others and len(failed) < ranks.world_size:
+            self._warn_once(what, "compute", _OnOtherRanks(others))
+        return None
+
     def _guard(self, analysis: Analysis, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run one piece of an analysis; warn (once per cause) and return ``None`` when it fails."""
         try:
@@ -461,17 +526,27 @@ class CKACallback(Callback):
             self._warn_once(f"the {analysis.key!r} analysis", stage, err)
             return None
 
-    def _warn_once(self, what: str, stage: str, err: Exception) -> None:
-        cause = f"{type(err).__name__}: {err}"
-        if (what, cause) in self._warned:
+    def _warn_once(self, what: str, stage: str, err: Exception, rank: int | None = None) -> None:
+        """Warn on global rank zero, or on process ``rank`` (a failure only that process knows)."""
+        if isinstance(err, _OnOtherRanks):
+            where, cause = f" on process(es) {err.ranks}", "their own warnings give the cause"
+        else:
+            where, cause = "" if rank is None else f" on process {rank}", f"{type(err).__name__}: {err}"
+        if (what, where, cause) in self._warned:
             return
-        self._warned.add((what, cause))
+        self._warned.add((what, where, cause))
         skipped = "this batch" if stage in ("update", "attach") else "this validation"
+        if where:
+            skipped += " on every process"
         advice = "" if isinstance(err, AnalysisSkipped) else " Pass CKACallback(strict=True) to get the traceback."
-        rank_zero_warn(
-            f"CKACallback ({self.log_prefix}): {what} failed in {stage} ({cause}); it is skipped for {skipped} and "
-            f"training goes on. Further failures of this kind are not reported.{advice}"
+        message = (
+            f"CKACallback ({self.log_prefix}): {what} failed in {stage}{where} ({cause}); it is skipped for {skipped} "
+            f"and training goes on. Further failures of this kind are not reported.{advice}"
         )
+        if rank is None:
+            rank_zero_warn(message)
+        else:
+            warnings.warn(message, UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------- logging
     def _log(self, trainer: pl.Trainer, record: Mapping[str, Any]) -> None:
@@ -582,6 +657,47 @@ class CKACallback(Callback):
         for analysis in self._active_analyses:
             if analysis.key in saved:
                 self._guard(analysis, "load_state_dict", analysis.load_state_dict, saved[analysis.key])
+
+
+class _PeerFailed(Exception):
+    """Raised inside an analysis's ``compute()`` at a collective when that analysis failed on other processes."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__(f"failed on process(es) {ranks}")
+        self.ranks = ranks
+
+
+class _OnOtherRanks(Exception):
+    """Stands for the failures of other processes in a warning."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__(f"process(es) {ranks}")
+        self.ranks = ranks
+
+
+class _Ranks:
+    """The processes of a Trainer and the agreement on which of them failed in an analysis's ``compute()``.
+
+    Holds closures over the Trainer rather than the Trainer itself (a copy of the callback does not copy it).
+    """
+
+    def __init__(self, trainer: pl.Trainer | None) -> None:
+        self.world_size = 1 if trainer is None else int(trainer.world_size)
+        self.rank = 0 if trainer is None else int(trainer.global_rank)
+        self.computing = False
+        self.peer_failed: list[int] | None = None
+        self._sum: Callable[[Tensor], Tensor] = lambda t: t
+        self._device: Callable[[], torch.device] = lambda: torch.device("cpu")
+        if trainer is not None:
+            strategy = trainer.strategy
+            self._sum = lambda t: strategy.reduce(t, reduce_op="sum")
+            self._device = lambda: strategy.root_device
+
+    def failed(self, this_one: bool) -> list[int]:
+        """The processes that failed (a collective: one all-reduce of ``world_size`` numbers)."""
+        flags = torch.zeros(self.world_size, dtype=torch.float32, device=self._device())
+        flags[self.rank] = float(this_one)
+        return [r for r, v in enumerate(self._sum(flags).tolist()) if v > 0]
 
 
 def _logging_step(trainer: pl.Trainer) -> int:

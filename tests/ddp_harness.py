@@ -7,7 +7,9 @@ A scenario is a function ``name() -> dict`` in an importable test module, return
   (without ``train``, the run is ``trainer.validate``);
 - ``record(trainer, module, callbacks) -> dict``: what the rank writes, JSON-serialisable.
 
-``run_ddp(tmp_path, "test_module:scenario")`` returns the records of ranks 0 and 1. Test modules
+``run_ddp(tmp_path, "test_module:scenario")`` returns the records of ranks 0 and 1, each with
+``world_size`` and ``warnings`` (``"Category: message"`` of every warning that rank raised while
+running) added. Test modules
 compare them with each other and with a single-process oracle over the same minibatches
 (each rank's batches are recorded with :class:`SeenBatches`).
 """
@@ -34,6 +36,7 @@ SCRIPT = textwrap.dedent(
     import importlib
     import json
     import sys
+    import warnings
     from pathlib import Path
 
     import lightning.pytorch as pl
@@ -57,19 +60,25 @@ SCRIPT = textwrap.dedent(
             logger=TensorBoardLogger(str(out), name="tb", version=0),
             default_root_dir=str(out),
         )
-        if "train" in spec:
-            trainer.fit(spec["module"], spec["train"], spec["val"])
-        else:
-            trainer.validate(spec["module"], spec["val"], verbose=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if "train" in spec:
+                trainer.fit(spec["module"], spec["train"], spec["val"])
+            else:
+                trainer.validate(spec["module"], spec["val"], verbose=False)
         record = spec["record"](trainer, spec["module"], spec["callbacks"])
         record["world_size"] = trainer.world_size
+        record["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
     """
 )
 
 
-def run_ddp(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
-    """Run ``scenario`` (``"module:function"``) in 2-process DDP; the records of ranks 0 and 1."""
+def run_ddp(tmp_path: Path, scenario: str, timeout: float = TIMEOUT_S) -> list[dict[str, Any]]:
+    """Run ``scenario`` (``"module:function"``) in 2-process DDP; the records of ranks 0 and 1.
+
+    Both processes are killed and the test fails when they have not finished after ``timeout``
+    seconds (a deadlock: one rank waiting in a collective the other never joins)."""
     script = tmp_path / "ddp_scenario.py"
     script.write_text(SCRIPT)
     out = tmp_path / "out"
@@ -88,11 +97,11 @@ def run_ddp(tmp_path: Path, scenario: str) -> list[dict[str, Any]]:
         start_new_session=True,  # rank 1 is a grandchild: kill the whole group on a hang
     )
     try:
-        _, stderr = proc.communicate(timeout=TIMEOUT_S)
+        _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"DDP scenario {scenario} did not finish within {TIMEOUT_S}s (deadlock?)")
+        pytest.fail(f"DDP scenario {scenario} did not finish within {timeout:g}s (deadlock?)")
     assert proc.returncode == 0, stderr[-4000:]
     records = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]

@@ -55,7 +55,7 @@ _CAUSES = {
     "more": "more validation batches came than were kept (the validation set grew)",
     "shape": "a validation batch has another shape than the kept one (another batch size or input size)",
     "failed": "a measured validation batch could not be processed (see the earlier warning)",
-    "missing": "some processes have no kept reference (e.g. after resuming)",
+    "missing": "some processes have no kept reference (e.g. after resuming, or after a failure on that process)",
 }
 _CAUSE_ORDER = tuple(_CAUSES)
 
@@ -306,6 +306,7 @@ class Convergence(Analysis):
         self.layers = layers
         self.labels = list(context.short_names or short_names(layers))
         num = len(layers)
+        gather = context.all_gather
         self._to_previous, self._to_first = (
             MinibatchCKA(
                 num_layers=num,
@@ -313,6 +314,8 @@ class Convergence(Analysis):
                 precision=context.precision,
                 layer_names=layers,
                 reference_layer_names=layers,
+                # the metrics sync through `context.all_gather`, like every collective of this analysis
+                dist_sync_fn=lambda t, group=None: list(gather(t).unbind(0)),
             )
             for _ in range(2)
         )
@@ -390,9 +393,19 @@ class Convergence(Analysis):
         """``{"previous": {layer: cka}, "first": {layer: cka}}``, or ``None`` when not compared.
 
         A collective under DDP: every process sums its flags, then (when all compare) the metrics.
+        When it fails, this process drops its references, so the next validation reports nothing
+        and starts new ones on every process (the others see a process without a reference).
         """
         assert self._to_previous is not None and self._to_first is not None
         self._in_progress = False
+        try:
+            return self._compute()
+        except Exception:
+            self._drop_references()
+            raise
+
+    def _compute(self) -> dict[str, dict[str, float]] | None:
+        assert self._to_previous is not None and self._to_first is not None
         has_reference = self._previous is not None
         if any(k is not None for k in self._previous or ()):  # kept batches that no batch came for
             self._causes.add("fewer")

@@ -503,13 +503,25 @@ class _TokenGramCapture:
         self._image = None
 
 
-def _new_metric(layers: Sequence[str], grid: Grid, precision: torch.dtype | None, device: Any) -> MinibatchCKA:
+def _new_metric(
+    layers: Sequence[str],
+    grid: Grid,
+    precision: torch.dtype | None,
+    device: Any,
+    all_gather: Callable[[Tensor], Tensor] | None = None,
+) -> MinibatchCKA:
+    """The metric of one validation; under DDP its sums are gathered with ``all_gather`` when given
+    (``SetupContext.all_gather``), else with torchmetrics' own collective."""
     labels = grid_labels(grid)
+    sync: dict[str, Any] = {}
+    if all_gather is not None:
+        sync["dist_sync_fn"] = lambda t, group=None: list(all_gather(t).unbind(0))
     with torch.inference_mode(False):
         return MinibatchCKA(
             precision=precision,
             layer_names=[f"{layer} {label}" for layer in layers for label in labels],
             reference_layer_names=labels,
+            **sync,
         ).to(device)
 
 
@@ -758,12 +770,13 @@ class Localization(Analysis):
                 )
             self.metric = None
         if self.metric is None:
-            self.metric, self.grid = _new_metric(self.rows, grid, self._precision, k.device), grid
+            self.metric, self.grid = _new_metric(self.rows, grid, self._precision, k.device, self._all_gather), grid
         self.metric.update_grams(k, l)
 
     def compute(self) -> dict[str, dict[str, Any]] | None:
         # A collective under DDP: every rank agrees on the grid first (a rank without data has no
-        # metric, or one of another grid), then the metric's sums are all-reduced.
+        # metric, or one of another grid), then the metric's sums are gathered; both go through the
+        # context's `all_gather`, so a rank that fails in between is met by the others, never waited for.
         has = self.metric is not None and int(self.metric.num_batches) > 0
         gh, gw = self.grid if (has and self.grid is not None) else (0, 0)
         device = self.metric.num_batches.device if self.metric is not None else self._device
@@ -775,7 +788,7 @@ class Localization(Analysis):
             raise ValueError(f"processes measured different patch grids {sorted(grids)}; use one image size")
         grid = grids.pop()
         if not has or self.metric is None:
-            self.metric, self.grid = _new_metric(self.rows, grid, self._precision, device), grid
+            self.metric, self.grid = _new_metric(self.rows, grid, self._precision, device, self._all_gather), grid
         matrix = _plain(self.metric.compute())
         t = grid[0] * grid[1]
         value: dict[str, dict[str, Any]] = {}
