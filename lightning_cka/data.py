@@ -108,7 +108,7 @@ GLYPHS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afedcg", "abc", "h
 CLASS_NAMES = ("0", "1", "2", "3", "4", "5", "6", "7", "X", "T")
 
 _STROKE_DEFAULTS = {
-    "train_size": 20000,
+    "train_size": 16000,
     "val_size": 1024,
     "img_size": 32,
     "jitter": 0.125,
