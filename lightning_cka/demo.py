@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -289,7 +290,10 @@ def _train(name: str, data: DatasetSpec, cfg: DemoConfig, run_dir: Path, referen
     )
     train_loader, val_loader = _loaders(data, cfg)
     start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader)
+    with warnings.catch_warnings():
+        # Lightning's own deprecation notice from inside its internals, not actionable by a demo user
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        trainer.fit(module, train_loader, val_loader)
     seconds = time.perf_counter() - start
     accuracy = float(trainer.callback_metrics.get("val/acc", torch.tensor(float("nan"))))
     return DemoResult(name, accuracy, run_dir / name, callback, seconds, model)
