@@ -87,8 +87,9 @@ def read_back(run_dir: Path, seconds: float, demo_args: Sequence[str]) -> dict[s
 
 def save_figures(run_dir: Path, folder: Path) -> list[Path]:
     """Every TensorBoard image of the run, at its first and last step, as
-    ``folder/demo_<model>_<tag>_{first,last}.png`` (``/`` in tags becomes ``_``), and the run's
-    ``summary.png`` as ``folder/demo_summary.png``."""
+    ``folder/demo_<model>_<tag>_{first,last}.png`` (``/`` in tags becomes ``_``), each model's
+    GIFs as ``folder/demo_<model>_<name>.gif`` and the run's ``summary.png`` as
+    ``folder/demo_summary.png``."""
     import shutil
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -106,6 +107,8 @@ def save_figures(run_dir: Path, folder: Path) -> list[Path]:
                     path = folder / name
                     path.write_bytes(image.encoded_image_string)
                     written.append(path)
+        for gif in sorted(model_dir.glob("*.gif")):
+            written.append(Path(shutil.copy(gif, folder / f"demo_{model_dir.name}_{gif.name}")))
     if (run_dir / "summary.png").exists():
         written.append(Path(shutil.copy(run_dir / "summary.png", folder / "demo_summary.png")))
     return written
