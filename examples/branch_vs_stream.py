@@ -8,15 +8,15 @@ the block output). Raghu et al. 2021 show heatmaps of the stream; since ``||z|| 
 ViTs, stream states are far more alike than the branch outputs that feed them.
 
 The script trains a small timm ViT briefly on scikit-learn's digits (shipped with scikit-learn,
-``pip install ".[demo]"``; no download), then runs :func:`lightning_cka.compare` twice on the 360
+``pip install ".[demo]"``; no download), then runs :func:`lightning_cka.compare` twice on the 359
 validation images and draws both heatmaps into one PNG. The default 300 steps take a few minutes
 on one CPU thread, ``--steps 0`` about ten seconds::
 
     python examples/branch_vs_stream.py                      # writes docs/img/branch_vs_stream.png
     python examples/branch_vs_stream.py --steps 0 --out /tmp/untrained.png   # at initialisation
 
-It prints the validation accuracy and, for each heatmap, the mean CKA of consecutive layers and
-of all off-diagonal pairs.
+It prints the training loss and validation accuracy every 50 steps, then the final accuracy and,
+for each heatmap, the mean CKA of consecutive layers and of all off-diagonal pairs.
 """
 
 from __future__ import annotations
@@ -55,19 +55,30 @@ def build_vit(depth: int, img_size: int, seed: int) -> torch.nn.Module:
     )
 
 
-def train(model: torch.nn.Module, loader: DataLoader, steps: int, lr: float) -> float | None:
-    """Plain AdamW steps; returns the last loss (``None`` for ``steps=0``)."""
-    model.train()
+def train(
+    model: torch.nn.Module, loader: DataLoader, steps: int, lr: float, val_loader: DataLoader | None = None
+) -> float | None:
+    """Plain AdamW steps; returns the last loss (``None`` for ``steps=0``). Prints the mean loss (and the
+    validation accuracy, given ``val_loader``) every 50 steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     loss = None
     step = 0
+    start = time.perf_counter()
+    losses: list[float] = []
     while step < steps:
         for x, y in loader:
+            model.train()
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
             step += 1
+            if step % 50 == 0 or step == steps:
+                acc = "" if val_loader is None else f", val accuracy {accuracy(model, val_loader):.3f}"
+                mean = sum(losses) / len(losses)
+                print(f"  step {step}/{steps}: train loss {mean:.3f}{acc}  ({time.perf_counter() - start:.0f} s)")
+                losses.clear()
             if step == steps:
                 break
     return None if loss is None else loss.item()
@@ -130,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[CKAResult, CKAResult]:
     if args.steps < 0:
         raise SystemExit("--steps must be >= 0")
     start = time.perf_counter()
-    data = load_dataset("digits", args.img_size)  # 1,437 training / 360 validation images
+    data = load_dataset("digits", args.img_size)  # 1,438 training / 359 validation images
     train_loader = DataLoader(
         data.train,
         batch_size=args.batch_size,
@@ -138,9 +149,11 @@ def main(argv: Sequence[str] | None = None) -> tuple[CKAResult, CKAResult]:
         drop_last=True,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    val_loader = DataLoader(data.val, batch_size=120)  # 3 batches of 120
+    val_loader = DataLoader(data.val, batch_size=120)  # 3 batches: 120, 120, 119
     vit = build_vit(args.depth, args.img_size, args.seed)
-    loss = train(vit, train_loader, args.steps, args.lr)
+    if args.steps:
+        print(f"Training a ViT ({args.depth} blocks, width 64) on {len(data.train)} digits for {args.steps} steps")
+    loss = train(vit, train_loader, args.steps, args.lr, val_loader)
     acc = accuracy(vit, val_loader)
 
     common = {"max_batches": args.max_batches, "progress": False}
