@@ -2,23 +2,32 @@
 """Cost of CKACallback and each of its analyses on a validation epoch.
 
 Times ``Trainer.validate`` of a LightningModule around the benchmark workload's ViT (512 random
-images in batches of 256, CPU) with the callback off, with CKA alone, with the default callback
-(``CKACallback(layers="sublayers")``: CKA, norm ratios, attention distances), with each other
-analysis added alone to CKA, and with every analysis on. All configurations run in one process,
-a warm-up round first, then ``--repeats`` rounds in rotating order; ratios are same-round
-medians. The callbacks are kept across rounds, so analyses that compare with a previous
-validation (convergence) have one from the warm-up round on.
+images in batches of 256, CPU) with the callback off, with CKA alone, with the callback's defaults
+(``CKACallback(layers="sublayers")``), with each other analysis added alone to CKA, and with every
+analysis on. All configurations run in one process, a warm-up round first, then ``--repeats``
+rounds in rotating order; ratios and extra times are same-round medians (with the quartiles of
+the per-round values, a measure of the noise). The callbacks are kept across rounds, so analyses
+that compare with a previous validation (convergence) have one from the warm-up round on. Every
+run also records its CPU time, minor page faults and how many cores other processes used.
 
 The whole timing runs once per allocator setting, each in a fresh subprocess: glibc's defaults,
 and ``GLIBC_TUNABLES`` that keep freed memory in the process (see ``common.KEEP_FREED_MEMORY``;
-no page faults from reallocating large tensors). Peak RSS is measured per configuration in a
-fresh process (two validations, so convergence runs its full update).
+no page faults from reallocating large tensors). Peak RSS is measured per configuration in fresh
+processes (two validations each, so convergence runs its full update; median of
+``--memory-samples``); the time each analysis spends in its own methods (outside the forward pass)
+is measured over three more validations with everything on. The memory convergence keeps between
+validations (its past Grams) is read from the analysis after the timing rounds.
+
+The probe target is stated for the analysis's default of 4,096 examples, 8 times the workload's
+512 images: ``--probe-images 4096`` (the default on CPU) also times no callback, CKA alone and
+CKA with probes on 4,096 images, per allocator, in subprocesses of their own.
 
 Analyses whose module is missing from this checkout are skipped (and said so). No logger is
 attached: the cost of rendering figures and writing files is not part of these numbers.
 
     python benchmarks/bench_analyses.py --small                  # smoke run, seconds
     python benchmarks/bench_analyses.py --json-out benchmarks/results/cpu_analyses.json --write-docs
+    python benchmarks/bench_analyses.py --from-json benchmarks/results/cpu_analyses.json --write-docs
     python benchmarks/bench_analyses.py --profile probe default  # operators each configuration adds (profiler)
     python benchmarks/bench_analyses.py --method-times all       # time in each analysis's own methods
     python benchmarks/bench_analyses.py --device cuda --json-out $OUT/gpu_analyses.json
@@ -28,9 +37,11 @@ attached: the cost of rendering figures and writing files is not part of these n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -45,20 +56,30 @@ from torch import nn
 
 #: analysis -> (what it computes, cost model). L layers, n examples per batch, p features per layer,
 #: D blocks, T tokens, C channels, m examples per batch used for attention, N examples per fit,
-#: d probe features, U residual units.
+#: d probe features, k folds, U residual units.
 ANALYSES: dict[str, tuple[str, str]] = {
-    "cka": ("layer x layer minibatch CKA (Grams of the 24 sublayers)", "O(L n² p + L² n²) per batch"),
+    "gram_floor": (
+        "floor of any CKA: only the centred copies and Gram products of the 24 sublayers, nothing kept",
+        "O(L n² p) per batch",
+    ),
+    "cka": ("layer x layer minibatch CKA (Grams of the 24 sublayers)", "O(L n² p) Grams + O(L² n²) pairs per batch"),
     "norm_ratio": ("skip-connection norm ratios ‖z‖ / ‖f(z)‖ per residual unit", "O(U n T C) per batch"),
     "attention_distance": (
         "mean attention distance per head (attention recomputed from `qkv`)",
         "O(D m (T C² + T² C)) per batch, m ≤ 32",
     ),
     "convergence": (
-        "CKA of every layer with itself at the previous and first validation",
-        "O(L n²) per batch; O(B L n²) memory for B batches of past Grams",
+        "CKA of every layer with itself at the previous and first validation (reuses the captured Grams)",
+        "O(L n²) per batch kept; memory 2 x L n(n+1)/2 floats per kept batch",
     ),
-    "probe": ("closed-form ridge linear probe per layer, held-out accuracy", "O(N d²) per layer + O(d³) per probe fit"),
-    "localization": ("CKA of each token position with each input patch", "O(T n² C + T² n²) per batch"),
+    "probe": (
+        "closed-form ridge linear probe per layer and pool (CLS, token mean), k-fold held-out accuracy",
+        "O(n T C) pooling per batch; O(N d² + d³) per probe fit (x k folds x 2 pools x L)",
+    ),
+    "localization": (
+        "CKA of each token position of the last block with each input patch",
+        "O(T n² C) token Grams + O(T² n²) pairs per batch",
+    ),
 }
 #: analyses written as plug-ins: name -> (module, class)
 PLUGINS = {
@@ -69,8 +90,14 @@ PLUGINS = {
 #: configurations in timing order: "none" (no callback), CKA alone, default callback, CKA + each
 #: other analysis, everything
 CONFIGS = ["none", "cka", "default", "norm_ratio", "attention_distance", *PLUGINS, "all"]
+#: configurations run only when asked for (``--configs``): ``gram_floor`` is the floor of any CKA
+#: callback on the ViT workloads (:class:`GramFloor`)
+OPTIONAL_CONFIGS = ["gram_floor"]
 #: configurations that are CKA plus one analysis: their extra time and memory are over CKA alone
 ADDED_TO_CKA = ("norm_ratio", "attention_distance", *PLUGINS)
+#: configurations of the separate probe timing with more images (``--probe-images``): the probe
+#: target is stated for the analysis's default of 4,096 examples, 8 times the main workload's
+PROBE_CONFIGS = ["none", "cka", "probe"]
 
 #: targets on two CPU cores, from same-round medians, each with what it guards
 TARGETS = [
@@ -182,6 +209,8 @@ def make_callback(config: str, layers: str) -> Any:
 
     if config == "none":
         return None
+    if config == "gram_floor":
+        return gram_floor()
     if config == "default":
         return CKACallback(layers=layers)
     params = inspect.signature(CKACallback).parameters
@@ -196,6 +225,41 @@ def make_callback(config: str, layers: str) -> Any:
             if instance is not None:
                 extra.append(instance)
     return CKACallback(**kwargs, analyses=extra)
+
+
+def gram_floor() -> Any:
+    """A callback that does only what no CKA of the workload's 24 sublayers can skip: in a forward
+    hook per sublayer, the mean-centred copy of its activation (into one reused buffer, as the
+    library does) and its Gram product (the library's symmetric CPU product, or one GEMM on a
+    GPU), nothing kept. Its extra time over no callback is the floor of every CKA configuration."""
+    import lightning.pytorch as pl
+
+    from lightning_cka.functional import _symmetric_product
+
+    class GramFloor(pl.Callback):
+        def __init__(self) -> None:
+            self.handles: list[Any] = []
+            self.buffer: torch.Tensor | None = None
+            self.history: list[dict[str, Any]] = []  # as CKACallback's, always empty
+
+        def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+            x = (output[0] if isinstance(output, tuple) else output).detach().flatten(1)
+            if self.buffer is None or self.buffer.numel() < x.numel() or self.buffer.device != x.device:
+                self.buffer = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+            centred = torch.sub(x, x.mean(dim=0, dtype=torch.float32), out=self.buffer[: x.numel()].view(x.shape))
+            _symmetric_product(centred) if centred.device.type == "cpu" else centred @ centred.T
+
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            modules = dict(pl_module.model.named_modules())
+            for name in common.sublayer_names(pl_module.model):
+                self.handles.append(modules[name].register_forward_hook(self.hook))
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            for handle in self.handles:
+                handle.remove()
+            self.handles, self.buffer = [], None
+
+    return GramFloor()
 
 
 def make_trainer(callback: Any, device: str) -> Any:
@@ -250,11 +314,18 @@ def time_worker(args: argparse.Namespace, configs: Sequence[str]) -> dict[str, A
             c: sorted(k for k in cb.history[-1] if k not in ("epoch", "step")) if cb is not None and cb.history else []
             for c, cb in callbacks.items()
         }
+        entry["kept_mb"] = {c: kept_mb(cb) for c, cb in callbacks.items() if kept_mb(cb)}
         out["workloads"][spec["name"]] = entry
         del module, loader, callbacks, trainers
         gc.collect()
     out["machine"]["others_cores"] = monitor.others_cores()
     return out
+
+
+def kept_mb(callback: Any) -> dict[str, float]:
+    """MB each analysis of ``callback`` keeps between validations (those that report it:
+    convergence's past Grams), measured after the timing rounds."""
+    return {a.key: a.kept_memory() / 1e6 for a in getattr(callback, "_analyses", []) if hasattr(a, "kept_memory")}
 
 
 def cuda_peaks(args: argparse.Namespace, module: Any, loader: Any, callbacks: dict[str, Any]) -> dict[str, float]:
@@ -295,7 +366,11 @@ def profile_ops(args: argparse.Namespace, config: str) -> dict[str, tuple[float,
     make_trainer(callback, args.device).validate(module, loader, verbose=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     trainer = make_trainer(callback, args.device)
-    with torch_profile(activities=activities) as prof:
+    options: dict[str, Any] = {}
+    # worker threads too (the probe fits run in a thread pool); a torch without the option: this thread only
+    with contextlib.suppress(AttributeError, TypeError):
+        options["experimental_config"] = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with torch_profile(activities=activities, **options) as prof:
         trainer.validate(module, loader, verbose=False)
     return {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
 
@@ -303,7 +378,8 @@ def profile_ops(args: argparse.Namespace, config: str) -> dict[str, tuple[float,
 def profile(args: argparse.Namespace, config: str, rows: int = 12) -> str:
     """Operators that ``config`` adds to its base (CKA alone for an analysis added to CKA, else no
     callback): self CPU time of each in one profiled validation of each (after a warm-up one),
-    largest additions first. Under load the profiler's times are wall times of each operator."""
+    largest additions first, summed over all threads. Under load the profiler's times are wall
+    times of each operator."""
     base_config = "cka" if config in ADDED_TO_CKA else "none"
     base, ops = profile_ops(args, base_config), profile_ops(args, config)
     total_base = sum(v[0] for v in base.values())
@@ -349,6 +425,8 @@ def method_times(args: argparse.Namespace, config: str, validations: int = 3) ->
     make_trainer(callback, args.device).validate(module, loader, verbose=False)
     per_run: list[dict[str, dict[str, float]]] = []
     for _ in range(validations):
+        if args.wait_idle:
+            common.wait_idle(args.wait_idle)
         spent.clear()
         wall, _ = common.timed(lambda: make_trainer(callback, args.device).validate(module, loader, verbose=False))
         per_run.append({**{k: dict(v) for k, v in spent.items()}, "validate": {"total": wall}})
@@ -375,9 +453,12 @@ def method_table(args: argparse.Namespace, configs: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------- main
-def worker_cmd(args: argparse.Namespace, *extra: str) -> list[str]:
+def worker_cmd(
+    args: argparse.Namespace, *extra: str, images: int | None = None, repeats: int | None = None
+) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device]
-    cmd += ["--images", str(args.images), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
+    cmd += ["--images", str(images or args.images), "--batch-size", str(args.batch_size)]
+    cmd += ["--repeats", str(repeats or args.repeats)]
     if args.small:
         cmd.append("--small")
     if args.threads:
@@ -418,7 +499,11 @@ def summarise(timing_run: dict[str, Any], configs: Sequence[str]) -> dict[str, d
                 if not a:
                     continue
                 row["ratio" + suffix] = common.median([a[r] / z[r] for r in use])
-                row["extra" + suffix] = common.median([(a[r] - b[r]) / z[r] for r in use])
+                extras = [(a[r] - b[r]) / z[r] for r in use]
+                row["extra" + suffix] = common.median(extras)
+                if len(extras) >= 3:  # quartiles of the per-round values: the noise
+                    q1, _, q3 = statistics.quantiles(extras, n=4, method="inclusive")
+                    row["extra_q1" + suffix], row["extra_q3" + suffix] = q1, q3
             fc = entry.get("fault_corrected")
             if fc is not None and c in fc["seconds"]:
                 row["fault_corrected_ratio"] = fc["ratio"][c]
@@ -429,13 +514,19 @@ def summarise(timing_run: dict[str, Any], configs: Sequence[str]) -> dict[str, d
 
 def main_table(result: dict[str, Any], workload: str) -> str:
     """The table of docs/benchmarks.md for one workload: one row per analysis, then the default
-    callback and everything on. Extra time: same-round median of (t - t_base) / t_none, where the
-    base is CKA alone for an analysis added to CKA and no callback otherwise."""
+    callback and everything on. Extra time: same-round median of (t - t_base) / t_none over rounds,
+    with the quartiles of the per-round values in brackets, where the base is CKA alone for an
+    analysis added to CKA and no callback otherwise."""
     allocs = [a for a in common.ALLOCATORS if a in result["summary"]]
+    own = result.get("method_times", {})
     head = ["analysis", "what it computes", "cost model"]
-    head += [f"extra {kind} ({a} allocator)" for a in allocs for kind in ("wall time", "CPU time")]
+    for a in allocs:
+        rounds = quiet_label(result["summary"][a][workload]["none"])
+        head.append(f"extra time, {a} allocator [quartiles] ({threads_label(result, a)}{rounds})")
+    if own:
+        head.append("own methods per validation (ms)")
     head += [f"extra peak RSS, MB ({a} allocator)" for a in allocs]
-    labels = {"default": "default callback", "all": "every analysis on"}
+    labels = {"default": "default callback", "all": "every analysis on", "gram_floor": "floor: Gram products alone"}
     ran = next(iter(result["timing"][allocs[0]]["workloads"].values())).get("history_keys", {})
     described = {
         "default": (
@@ -445,25 +536,54 @@ def main_table(result: dict[str, Any], workload: str) -> str:
         "all": (f"{', '.join(sorted(ran.get('all', []))) or '?'}", "sum of all rows"),
     }
     rows = []
-    for c in ["cka", *ADDED_TO_CKA, "default", "all"]:
+    for c in ["gram_floor", "cka", *ADDED_TO_CKA, "default", "all"]:
+        if c == "gram_floor" and c not in result["summary"][allocs[0]][workload]:
+            continue  # only measured when asked for
         what, cost = ANALYSES.get(c) or described[c]
         row = [labels.get(c, f"`{c}`"), what, cost]
         summary = result["summary"][allocs[0]][workload]
         if c not in summary:
             reason = result["skipped"].get(c, "not measured")
-            rows.append([*row, *[f"skipped ({reason})"] * (2 * len(allocs)), *["-"] * len(allocs)])
+            rows.append([*row, *[f"skipped ({reason})"] * len(allocs), *["-"] * (len(head) - len(row) - len(allocs))])
             continue
-        for a in allocs:
-            s = result["summary"][a][workload][c]
-            for suffix in ("", "_cpu"):
-                shown = fmt_pct(s.get("extra" + suffix, math.nan))
-                if c in ("cka", "default", "all"):
-                    shown += f" ({fmt_x(s.get('ratio' + suffix, math.nan), 3)}x)"
-                row.append(shown)
+        row += [extra_cell(result["summary"][a][workload][c], c) for a in allocs]
+        if own:  # hook-based analyses do their work inside the forward pass: not in their methods
+            spent = own.get(c) if c in PLUGINS else None
+            if c == "all":
+                spent = {f"{k}.{m}": v for k, ms in own.items() if k != "validate" for m, v in ms.items()}
+            row.append("-" if spent is None else f"{1e3 * sum(spent.values()):.0f}")
         for a in allocs:
             row.append(extra_mb(result.get("memory", {}).get(a, {}), c))
         rows.append(row)
+        probe = result.get("probe_summary", {})
+        if c == "probe" and all(workload in probe.get(a, {}) for a in allocs):
+            label = f"`probe`, {result.get('probe_images', 0):,} examples"
+            what = f"the same with {result.get('probe_images', 0):,} validation images (its default `max_examples`)"
+            cells = [extra_cell(probe[a][workload]["probe"], "probe") for a in allocs]
+            rows.append([label, what, cost, *cells, *["-"] * (len(head) - 3 - len(allocs))])
     return md_table(head, rows)
+
+
+def extra_cell(s: dict[str, Any], config: str) -> str:
+    """Extra time of one summary row: the quiet rounds' median when there are 3 or more, else all
+    rounds', with the quartiles of the per-round values and, for whole configurations, the ratio."""
+    v = "_quiet" if "extra_quiet" in s else ""
+    shown = fmt_pct(s["extra" + v])
+    if "extra_q1" + v in s:
+        shown += f" [{100 * s['extra_q1' + v]:+.0f}, {100 * s['extra_q3' + v]:+.0f}]"
+    if config in ("gram_floor", "cka", "default", "all"):
+        shown += f", {fmt_x(s['ratio' + v], 2)}x"
+    return shown
+
+
+def threads_label(result: dict[str, Any], alloc: str) -> str:
+    threads = result["timing"][alloc].get("machine", {}).get("torch_threads")
+    return "" if threads is None else f"{threads} torch thread{'s' if threads != 1 else ''}, "
+
+
+def quiet_label(none_row: dict[str, Any]) -> str:
+    k = none_row.get("quiet_rounds", 0)
+    return f"{k} quiet rounds" if k >= 3 else "all rounds, machine busy"
 
 
 def extra_mb(mem: dict[str, Any], config: str) -> str:
@@ -519,18 +639,32 @@ def detail_table(result: dict[str, Any], alloc: str) -> str:
 
 
 def targets_table(result: dict[str, Any], alloc: str) -> str:
-    summary = next(iter(result["summary"][alloc].values()))
+    """PASS / FAIL of each timing target (the probe's from the ``--probe-images`` run when there is
+    one, its stated size), then the memory targets."""
     rows = []
     for config, op, limit, what, guards in TARGETS:
+        summary = next(iter(result["summary"][alloc].values()))
+        probe = next(iter(result.get("probe_summary", {}).get(alloc, {}).values()), {})
+        if config == "probe" and "probe" in probe:
+            summary, what = probe, f"{what} ({result.get('probe_images', 0):,} examples)"
+        elif config == "probe":
+            what = f"{what} ({result['args'].get('images', '?')} examples)"
         if config not in summary:
-            rows.append([what, f"{op} {limit:g}", "n/a", "n/a (skipped)", "", "", guards])
+            rows.append([what, f"{op} {limit:g}", "n/a", "n/a (skipped)", "", "", "", "", guards])
             continue
+        if config in ("default", "all") and "gram_floor" in summary:
+            floor = summary["gram_floor"]
+            shown = fmt_x(floor.get("ratio_quiet", floor["ratio"]), 3)
+            what += f" (floor, the Gram products alone: {shown})"
         key = "ratio" if config in ("default", "all") else "extra"
+        quiet = summary[config].get(key + "_quiet", math.nan)
         wall, cpu = summary[config][key], summary[config].get(key + "_cpu", math.nan)
         rows.append(
             [
                 what,
                 f"{op} {limit:g}",
+                fmt_x(quiet, 3),
+                common.verdict(quiet, op, limit),
                 fmt_x(wall, 3),
                 common.verdict(wall, op, limit),
                 fmt_x(cpu, 3),
@@ -538,8 +672,56 @@ def targets_table(result: dict[str, Any], alloc: str) -> str:
                 guards,
             ]
         )
-    head = ["target (same-round medians)", "goal", "wall time", "verdict", "CPU time", "verdict", "guards"]
-    return md_table(head, rows)
+    head = [
+        "target (same-round medians)",
+        "goal",
+        "quiet rounds",
+        "verdict",
+        "all rounds",
+        "verdict",
+        "CPU time, all rounds",
+        "verdict",
+        "guards",
+    ]
+    return md_table(head, rows) + "\n\n" + memory_targets_table(result, alloc)
+
+
+#: the convergence memory target: kept Grams for 12 layers and 1,024 examples in batches of 256 (MB)
+CONVERGENCE_MB = 13.0
+
+
+def memory_targets_table(result: dict[str, Any], alloc: str) -> str:
+    """The past Grams convergence keeps: measured on the workload after the timing rounds, and
+    ``Convergence.kept_bytes`` of the target's case (12 layers, 1,024 examples in batches of 256)."""
+    rows = []
+    entry = next(iter(result["timing"][alloc]["workloads"].values()))
+    measured = {c: v["convergence"] for c, v in entry.get("kept_mb", {}).items() if "convergence" in v}
+    args = result.get("args", {})
+    for c, mb in measured.items():
+        rows.append(
+            [
+                f"convergence: kept Grams after the timing rounds (`{c}`; the workload's 24 layers, "
+                f"{args.get('images', '?')} examples in batches of {args.get('batch_size', '?')})",
+                "-",
+                f"{mb:.2f} MB",
+                "(measurement)",
+            ]
+        )
+    try:
+        from lightning_cka.analyses.convergence import Convergence
+    except ImportError:  # pragma: no cover - a checkout without the analysis
+        return md_table(["memory", "goal", "value", "verdict"], rows)
+    target = Convergence.kept_bytes(num_layers=12, max_examples=1024, batch_size=256) / 1e6
+    rows.append(
+        [
+            "convergence: kept Grams, 12 layers, 1,024 examples in batches of 256 (`Convergence.kept_bytes`, "
+            "first + previous validation)",
+            f"< {CONVERGENCE_MB:g} MB",
+            f"{target:.2f} MB",
+            common.verdict(target, "<=", CONVERGENCE_MB),
+        ]
+    )
+    return md_table(["memory", "goal", "value", "verdict"], rows)
 
 
 def report(result: dict[str, Any], command: str) -> str:
@@ -564,7 +746,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=None, help="default 512 (32 with --small)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 256 (16 with --small)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds after a warm-up (default 5; 2 --small)")
-    parser.add_argument("--configs", nargs="+", default=None, choices=CONFIGS, help="subset of configurations")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=CONFIGS + OPTIONAL_CONFIGS,
+        help="subset of configurations (gram_floor: the bare Gram products, the floor of any CKA; only when named)",
+    )
     parser.add_argument(
         "--allocators", nargs="+", default=None, choices=list(common.ALLOCATORS), help="default: both (cpu)"
     )
@@ -572,7 +760,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory", dest="memory", action="store_false", default=None, help="skip peak RSS runs")
     parser.add_argument("--memory", dest="memory", action="store_true", help="measure peak RSS per configuration")
     parser.add_argument(
-        "--profile", nargs="+", default=None, choices=CONFIGS, help="print what each configuration adds, by operator"
+        "--profile",
+        nargs="+",
+        default=None,
+        choices=CONFIGS + OPTIONAL_CONFIGS,
+        help="print what each configuration adds, by operator",
     )
     parser.add_argument(
         "--method-times",
@@ -590,7 +782,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="before each round, wait up to S seconds for 5 s in which other processes use < 0.2 cores",
     )
     parser.add_argument("--memory-samples", type=int, default=1, help="fresh processes per configuration (median)")
-    parser.add_argument("--memory-from", default=None, metavar="JSON", help="take the peak RSS of a saved run")
+    parser.add_argument(
+        "--probe-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also time none / cka / probe with N images, in subprocesses per allocator (the probe target's "
+        "4,096 examples; default 4096 on CPU, 0 = skip; never with --small or --in-process)",
+    )
+    parser.add_argument("--probe-repeats", type=int, default=None, help="rounds of the --probe-images timing")
+    parser.add_argument(
+        "--reuse",
+        default=None,
+        metavar="JSON",
+        help="complete a saved result: keep its timing of the allocators not measured now (and its peak RSS "
+        "with --no-memory)",
+    )
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--from-json", default=None, help="report (and with --write-docs, write) a saved --json-out")
     parser.add_argument("--write-docs", action="store_true", help="update the ANALYSES blocks of docs/benchmarks.md")
@@ -606,6 +813,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.in_process = True
     if args.memory is None:
         args.memory = not args.small and args.device == "cpu"
+    if args.probe_images is None:
+        args.probe_images = 4096 if args.device == "cpu" and not args.small else 0
+    if args.small or args.in_process:
+        args.probe_images = 0
     if args.allocators is None:
         args.allocators = ["default"] if args.device == "cuda" or args.in_process else list(common.ALLOCATORS)
     if args.write_docs and args.small:
@@ -644,8 +855,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         result = measure(args, configs, skipped)
         result["command"] = common.command_line("bench_analyses.py", argv)
+        result["summary"] = summaries(result)
+        result["probe_summary"] = summaries(result, "probe_timing")
         common.write_json(args.json_out, result)
     return render(result, args.write_docs)
+
+
+def summaries(result: dict[str, Any], key: str = "timing") -> dict[str, Any]:
+    """:func:`summarise` of every allocator's timing that did not fail (``key="probe_timing"``: of the
+    separate probe timing with ``--probe-images``)."""
+    configs = PROBE_CONFIGS if key == "probe_timing" else result["configs"]
+    return {a: summarise(r, configs) for a, r in result.get(key, {}).items() if "error" not in r}
 
 
 def measure(args: argparse.Namespace, configs: list[str], skipped: dict[str, str]) -> dict[str, Any]:
@@ -655,6 +875,7 @@ def measure(args: argparse.Namespace, configs: list[str], skipped: dict[str, str
             configs.insert(0 if needed == "none" else 1, needed)
     start = time.monotonic()
     result: dict[str, Any] = {"configs": configs, "skipped": skipped, "args": vars(args), "timing": {}, "memory": {}}
+    result["probe_timing"] = {}
     for alloc in args.allocators:
         print(f"# timing, {alloc} allocator: {', '.join(configs)}", file=sys.stderr, flush=True)
         if args.in_process:
@@ -664,11 +885,34 @@ def measure(args: argparse.Namespace, configs: list[str], skipped: dict[str, str
             env = common.allocator_env(alloc)
             result["timing"][alloc] = common.run_json(cmd, timeout=4 * 3600, env=env, stream_stderr=True)
         common.write_json(args.json_out, result)
-    if args.memory_from:
+    if args.probe_images and "probe" in configs:
+        result["probe_images"] = args.probe_images
+        for alloc in args.allocators:
+            shown = f"{alloc} allocator, {args.probe_images} images: {', '.join(PROBE_CONFIGS)}"
+            print(f"# timing, {shown}", file=sys.stderr, flush=True)
+            extra = ["--worker", "time", "--configs", *PROBE_CONFIGS]
+            cmd = worker_cmd(args, *extra, images=args.probe_images, repeats=args.probe_repeats)
+            env = common.allocator_env(alloc)
+            result["probe_timing"][alloc] = common.run_json(cmd, timeout=4 * 3600, env=env, stream_stderr=True)
+            common.write_json(args.json_out, result)
+    saved: dict[str, Any] = {}
+    if args.reuse:
         import json
 
-        result["memory"] = json.loads(Path(args.memory_from).read_text()).get("memory", {})
-    for alloc in args.allocators if args.memory and not args.memory_from else []:
+        saved = json.loads(Path(args.reuse).read_text())
+        for alloc, timing in saved.get("timing", {}).items():
+            result["timing"].setdefault(alloc, timing)
+        for alloc, timing in saved.get("probe_timing", {}).items():
+            result["probe_timing"].setdefault(alloc, timing)
+        if "probe_images" in saved:
+            result.setdefault("probe_images", saved["probe_images"])
+        if not args.memory:
+            result["memory"] = saved.get("memory", {})
+    if "all" in configs and not args.small and args.device == "cpu":  # on CUDA they would time kernel launches
+        print("# time in each analysis's own methods ('all')", file=sys.stderr, flush=True)
+        result["method_times"] = method_times(args, "all")
+        common.write_json(args.json_out, result)
+    for alloc in args.allocators if args.memory else []:
         result["memory"][alloc] = {}
         samples: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         for _ in range(args.memory_samples):  # configurations in turn, so slow drift hits all alike
@@ -700,7 +944,11 @@ def render(result: dict[str, Any], write_docs: bool) -> int:
     if not timing:
         return 1
     result = {**result, "timing": timing}
-    result["summary"] = {a: summarise(r, result["configs"]) for a, r in timing.items()}
+    result["summary"] = summaries(result)
+    result["probe_summary"] = summaries(result, "probe_timing")
+    for alloc, r in result.get("probe_timing", {}).items():
+        if "error" in r:
+            print(f"probe timing ({alloc} allocator) failed: {r['error']}", file=sys.stderr)
     first = next(iter(result["summary"].values()))
     table = "\n\n".join((f"{w}:\n\n" if len(first) > 1 else "") + main_table(result, w) for w in first)
     details = report(result, result.get("command", "?"))

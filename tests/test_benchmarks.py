@@ -92,7 +92,6 @@ def test_bench_scaling_quick(bench, tmp_path):
     assert plot.stat().st_size > 0
 
 
-@pytest.mark.xfail(reason="bench_analyses --small result layout is being reworked", strict=False)
 def test_bench_analyses_small(bench, tmp_path, capsys):
     analyses = bench("bench_analyses")
     out = tmp_path / "analyses.json"
@@ -105,6 +104,7 @@ def test_bench_analyses_small(bench, tmp_path, capsys):
         "--configs",
         "none",
         "cka",
+        "gram_floor",
         "default",
         "all",
         "--json-out",
@@ -113,13 +113,16 @@ def test_bench_analyses_small(bench, tmp_path, capsys):
     assert analyses.main(argv) == 0
     res = json.loads(out.read_text())
     summary = next(iter(res["summary"]["default"].values()))
-    assert {"none", "cka", "default", "all"} <= set(summary)
+    assert {"none", "cka", "gram_floor", "default", "all"} <= set(summary)
     assert summary["none"]["ratio"] == 1.0
     timing = next(iter(res["timing"]["default"]["workloads"].values()))
     assert "self" in timing["history_keys"]["cka"]
     assert {"self", "norm_ratio", "attention_distance"} <= set(timing["history_keys"]["default"])
+    assert timing["kept_mb"]["default"]["convergence"] > 0  # past Grams kept between validations
     text = capsys.readouterr().out
     assert "| analysis | what it computes | cost model |" in text
+    assert "| floor: Gram products alone |" in text
+    assert "| memory | goal | value | verdict |" in text
     for name, reason in res["skipped"].items():
         assert name in analyses.PLUGINS and reason
 
@@ -129,6 +132,15 @@ def test_bench_analyses_memory_worker(bench):
     args = analyses.parse_args(["--small", "--worker", "memory:cka"])
     res = analyses.memory_worker(args, "cka")
     assert res["peak_rss_mb"] >= res["setup_rss_mb"] > 0
+
+
+def test_bench_probe_fit_quick(bench, tmp_path, capsys):
+    out = tmp_path / "probe_fit.json"
+    assert bench("bench_probe_fit").main(["--quick", "--threads", "1", "2", "--json-out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["threads"] for c in cases] == [1, 2]
+    assert all({"current", "floor"} <= set(c["timings"]) for c in cases)
+    assert "| 200 | 2 | `current` |" in capsys.readouterr().out
 
 
 def test_bench_large_models_small_on_cpu(bench, tmp_path):

@@ -52,10 +52,13 @@ rank holds ``world_size`` times its own features while fitting.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -351,13 +354,51 @@ def _fold_ids(labels: Tensor, folds: int, seed: int) -> Tensor:
     return ids
 
 
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """Run the enclosed work with one intra-op thread, then restore the thread count.
+
+    The probe solver is many small operations on small matrices: with several intra-op threads,
+    each pays a barrier, and a batched CPU ``eigh`` pays one per step of each reduction (measured
+    on a two-core machine shared with other jobs: ``torch.linalg.eigh`` of 48 matrices of
+    192 x 192 took 0.6 to 10 s with two threads, 0.16 s with one). :func:`_fit_probes` therefore
+    runs single-threaded operations and spreads blocks of feature sets over a thread pool instead.
+    ``torch`` has no per-call setting, so this is process-wide; concurrent fits (e.g. ranks as
+    threads) share one counter: the first to enter saves the count, the last to leave restores it.
+    """
+    global _saved_threads, _single_thread_users
+    with _thread_lock:
+        if _single_thread_users == 0:
+            _saved_threads = torch.get_num_threads()
+            if _saved_threads != 1:
+                torch.set_num_threads(1)
+        _single_thread_users += 1
+    try:
+        yield
+    finally:
+        with _thread_lock:
+            _single_thread_users -= 1
+            if _single_thread_users == 0 and _saved_threads != 1:
+                torch.set_num_threads(_saved_threads)
+
+
+_thread_lock = threading.Lock()
+_saved_threads = 1
+_single_thread_users = 0
+
+
 def _fit_fold(
-    xtr: Tensor, ytr: Tensor, num_classes: int, xte: Tensor, yte: Tensor, grid: Tensor
+    xtr: Tensor, gram: Tensor, mean: Tensor, ytr: Tensor, num_classes: int, xte: Tensor, yte: Tensor, grid: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One outer fold for ``B`` feature sets of one width ``p``.
+    """One outer fold for ``B`` feature sets of one width ``p``: one eigendecomposition of the
+    training covariance, shared by every ridge strength (a strength only rescales the eigenvalues:
+    leave-one-out errors and the final probe need no further factorisation).
 
     Args:
-        xtr: ``(B, n, p)`` training features (a scratch copy: centred in place).
+        xtr: ``(B, n, p)`` training features (read only; any batch stride).
+        gram: ``(B, p, p)`` their centred Gram ``(xtr - mean)' (xtr - mean)`` (only its lower
+            triangle is read).
+        mean: ``(B, 1, p)`` their mean.
         ytr: ``(n,)`` training labels in ``[0, num_classes)``.
         num_classes: ``K``.
         xte: ``(B, m, p)`` held-out features; yte: ``(m,)`` held-out labels.
@@ -368,31 +409,29 @@ def _fit_fold(
         strength chosen by leave-one-out on the training fold.
     """
     sets, n, p = xtr.shape
-    mean = xtr.mean(dim=1, keepdim=True)
-    xc = xtr.sub_(mean)
-    gram = xc.mT @ xc
     # One scale per set, the RMS of the centred training features, folded into the eigenbasis.
     scale2 = torch.diagonal(gram, dim1=1, dim2=2).sum(dim=1) / (n * p)
     scale2 = torch.where(scale2 > 0, scale2, torch.ones_like(scale2))[:, None, None]
     eigenvalues, vectors = torch.linalg.eigh(gram / scale2)  # (B, p), (B, p, p)
     eigenvalues = eigenvalues.clamp_min(0)
     vectors = vectors / scale2.sqrt()  # maps centred features to scaled eigen-coordinates
-    u = xc @ vectors  # (B, n, p)
+    u = (xtr @ vectors).sub_(mean @ vectors)  # (B, n, p): centred training features in that basis
     onehot = torch.nn.functional.one_hot(ytr, num_classes).to(u.dtype)
     ybar = onehot.mean(dim=0)
     yc = onehot - ybar
     q = u.mT @ yc  # (B, p, K)
     inverse = 1.0 / (eigenvalues[:, None, :] + grid[None, :, None])  # (B, G, p)
-    loo_scale = 1.0 / (1.0 - (u.square() @ inverse.mT + 1.0 / n))  # (B, n, G): 1 / (1 - hat diagonal)
+    hat = u.square() @ inverse.mT + 1.0 / n  # (B, n, G): hat diagonal, the bias included
+    loo_scale2 = (1.0 - hat).square_().reciprocal_()  # (B, n, G): 1 / (1 - h_ii)^2
     sse = torch.empty(sets, grid.shape[0], dtype=u.dtype, device=u.device)
     if num_classes <= p:  # residuals directly, several strengths per product
         step = max(1, p // num_classes)
         for g0 in range(0, grid.shape[0], step):
             g1 = min(g0 + step, grid.shape[0])
             coef = (inverse[:, g0:g1, :, None] * q[:, None]).permute(0, 2, 1, 3).reshape(sets, p, -1)
-            fitted = (u @ coef).view(sets, n, g1 - g0, num_classes)
-            loo = (yc[None, :, None, :] - fitted) * loo_scale[:, :, g0:g1, None]
-            sse[:, g0:g1] = loo.square().sum(dim=(1, 3))
+            residual = (u @ coef).view(sets, n, g1 - g0, num_classes).sub_(yc[None, :, None, :])
+            squared = torch.einsum("bngk,bngk->bng", residual, residual)  # (B, n, g1 - g0)
+            sse[:, g0:g1] = (squared * loo_scale2[:, :, g0:g1]).sum(dim=1)
     else:  # many classes: ||yc_i - a_i Q||^2 = ||yc_i||^2 - 2 a_i . (Q yc_i) + a_i (Q Q') a_i'
         qq = q @ q.mT  # (B, p, p)
         cross = q[:, :, ytr].mT - (q @ ybar)[:, None, :]  # (B, n, p): row i is Q yc_i
@@ -400,13 +439,64 @@ def _fit_fold(
         for g in range(grid.shape[0]):
             a = u * inverse[:, g, None, :]
             residual2 = norms - 2.0 * (a * cross).sum(dim=-1) + ((a @ qq) * a).sum(dim=-1)
-            sse[:, g] = (residual2 * loo_scale[:, :, g].square()).sum(dim=1)
+            sse[:, g] = (residual2 * loo_scale2[:, :, g]).sum(dim=1)
     best = torch.nan_to_num(sse, nan=math.inf).argmin(dim=1)  # first minimum: the smallest strength
     chosen = inverse[torch.arange(sets, device=u.device), best]  # (B, p)
     weights = vectors @ (chosen[:, :, None] * q)  # (B, p, K), acting on centred unscaled features
     scores = (xte - mean) @ weights + ybar
     correct = (scores.argmax(dim=-1) == yte).sum(dim=1)
     return correct, best
+
+
+def _fit_block(
+    features: Sequence[Tensor], order: Tensor, bounds: Sequence[int], labels: Tensor, num_classes: int, grid: Tensor
+) -> tuple[Tensor, Tensor, list[bool]]:
+    """Every outer fold for ``B`` feature sets of one width.
+
+    The examples are taken in fold order (``order``; fold ``f`` is ``bounds[f]:bounds[f + 1]``,
+    ``labels`` already in that order) and stored twice in a row, so that each held-out fold and
+    each training fold (the folds after it, then those before it) is a slice: no copy per fold.
+    The features are centred on the mean of all examples (an exact shift, that each training
+    fold's own centring removes; it keeps the float32 sums below free of cancellation), the
+    ``p x p`` Gram of each fold is formed once, and each training fold's covariance is the total
+    minus its held-out fold's, corrected for the training mean: ``2 N p^2`` flops for all folds'
+    covariances instead of ``2 (k - 1) N p^2``.
+
+    Returns ``(B,)`` held-out examples classified correctly, ``(B, folds)`` index of the chosen
+    strength per fold, and whether each set's features were finite (a set that is not is fitted
+    on zeros, harmlessly).
+    """
+    device = labels.device
+    n = int(order.shape[0])
+    doubled = torch.empty(len(features), 2 * n, features[0].shape[1], dtype=torch.float32, device=device)
+    x = doubled[:, :n]
+    for i, f in enumerate(features):
+        x[i] = f.to(device=device, dtype=torch.float32).index_select(0, order)
+    low, high = torch.aminmax(x.flatten(1), dim=1)  # NaN propagates, so both finite <=> all finite
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    finite_list = finite.tolist()
+    if not all(finite_list):
+        x[~finite] = 0.0
+    x -= x.mean(dim=1, keepdim=True)
+    doubled[:, n:] = x
+    labels2 = labels.repeat(2)
+    folds = len(bounds) - 1
+    parts = [x[:, bounds[f] : bounds[f + 1]] for f in range(folds)]  # views
+    sums = torch.stack([part.sum(dim=1) for part in parts])  # (folds, B, p)
+    grams = torch.stack([part.mT @ part for part in parts])  # (folds, B, p, p)
+    total_sum, total_gram = sums.sum(dim=0), grams.sum(dim=0)
+    correct = torch.zeros(len(features), dtype=torch.long, device=device)
+    chosen = torch.zeros(len(features), folds, dtype=torch.long, device=device)
+    for f in range(folds):
+        a, b = bounds[f], bounds[f + 1]
+        count = n - (b - a)
+        mean = ((total_sum - sums[f]) / count)[:, None, :]  # (B, 1, p)
+        gram = (total_gram - grams[f]) - count * (mean.mT @ mean)
+        train = slice(b, a + n)  # the folds after f, then those before it
+        hits, best = _fit_fold(doubled[:, train], gram, mean, labels2[train], num_classes, parts[f], labels[a:b], grid)
+        correct += hits
+        chosen[:, f] = best
+    return correct, chosen, finite_list
 
 
 def _fit_probes(
@@ -419,9 +509,14 @@ def _fit_probes(
 ) -> _ProbeFit:
     """k-fold cross-validated accuracy of ridge probes on ``S`` feature sets (see the module docstring).
 
+    Sets of one width are solved together (:func:`_fit_block`), in blocks bounded in memory. On
+    the CPU the operations run single-threaded and the blocks are spread over as many worker
+    threads as ``torch.get_num_threads()`` allows (:func:`_one_intra_op_thread`); the result does
+    not depend on how the sets are split into blocks.
+
     Args:
-        features: ``S`` tensors ``(N, p_s)`` of the same ``N`` examples (any widths; sets of one
-            width are solved together, in blocks bounded in memory), on ``labels``' device.
+        features: ``S`` tensors ``(N, p_s)`` of the same ``N`` examples (any widths), on
+            ``labels``' device.
         labels: ``(N,)`` integer labels in ``[0, num_classes)``.
         num_classes: ``K``, the width of the one-hot targets.
         folds: outer folds (stratified, seeded by ``seed``); ``N >= folds``.
@@ -436,34 +531,41 @@ def _fit_probes(
     n, device = labels.shape[0], labels.device
     fold_ids = _fold_ids(labels, folds, seed)
     grid = torch.tensor(list(ridge_grid), dtype=torch.float32, device=device)
-    correct = torch.zeros(len(features), dtype=torch.long, device=device)
-    chosen = torch.zeros(len(features), folds, dtype=torch.long, device=device)
     by_width: dict[int, list[int]] = {}
     for s, x in enumerate(features):
         if x.ndim != 2 or x.shape[0] != n:
             raise ValueError(f"features[{s}] has shape {tuple(x.shape)}, expected ({n}, p).")
         by_width.setdefault(int(x.shape[1]), []).append(s)
-    masks = [fold_ids == f for f in range(folds)]
+    order = torch.sort(fold_ids, stable=True).indices  # examples in fold order
+    bounds = [0, *torch.bincount(fold_ids, minlength=folds).cumsum(0).tolist()]
+    sorted_labels = labels[order]
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    jobs: list[list[int]] = []
+    for width, members in by_width.items():
+        # Blocks bounded in memory (all workers' blocks together), at least one per worker.
+        block = max(1, _BLOCK_ELEMENTS // (workers * n * max(width, num_classes)))
+        block = min(block, -(-len(members) // workers))
+        jobs += [members[i : i + block] for i in range(0, len(members), block)]
+
+    def run(sel: list[int]) -> tuple[Tensor, Tensor, list[bool]]:
+        with torch.no_grad():
+            return _fit_block([features[s] for s in sel], order, bounds, sorted_labels, num_classes, grid)
+
+    if workers > 1 and len(jobs) > 1:
+        with _one_intra_op_thread(), ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+            results = list(pool.map(run, jobs))
+    else:
+        results = [run(sel) for sel in jobs]
+    correct = torch.zeros(len(features), dtype=torch.long)
+    chosen = torch.zeros(len(features), folds, dtype=torch.long)
     broken: list[int] = []  # sets with non-finite features
-    with torch.no_grad():
-        for width, members in by_width.items():
-            block = max(1, _BLOCK_ELEMENTS // (n * max(width, num_classes)))
-            for start in range(0, len(members), block):
-                sel = members[start : start + block]
-                x = torch.stack([features[s].to(device=device, dtype=torch.float32) for s in sel])
-                finite = torch.isfinite(x).flatten(1).all(dim=1).cpu()
-                if not bool(finite.all()):
-                    x[~finite.to(device)] = 0.0  # fitted harmlessly, reported as NaN
-                    broken.extend(s for s, ok in zip(sel, finite.tolist(), strict=True) if not ok)
-                index = torch.tensor(sel, device=device)
-                for f, test in enumerate(masks):
-                    train = ~test
-                    hits, best = _fit_fold(x[:, train], labels[train], num_classes, x[:, test], labels[test], grid)
-                    correct[index] += hits
-                    chosen[index, f] = best
-    accuracy = correct.double().cpu() / n
+    for sel, (hits, best, finite) in zip(jobs, results, strict=True):
+        correct[sel] = hits.cpu()
+        chosen[sel] = best.cpu()
+        broken += [s for s, ok in zip(sel, finite, strict=True) if not ok]
+    accuracy = correct.double() / n
     accuracy[broken] = math.nan
-    return _ProbeFit(accuracy, grid.double().cpu()[chosen.cpu()], fold_ids.cpu())
+    return _ProbeFit(accuracy, grid.double().cpu()[chosen], fold_ids.cpu())
 
 
 def _probe_layers(
