@@ -141,15 +141,8 @@ def findings_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def update_markdown(path: Path, key: str, body: str) -> None:
-    begin, end = f"<!-- DEMO:{key}:BEGIN -->", f"<!-- DEMO:{key}:END -->"
-    text = path.read_text()
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-    print(f"updated {path} [{key}]", file=sys.stderr)
+    """Replace the ``<!-- DEMO:key:... -->`` block of a markdown file (see :func:`common.update_docs`)."""
+    common.update_docs(key, body, docs=path, prefix="DEMO")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -515,10 +515,10 @@ def write_json(path: str | Path | None, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=str))
 
 
-def update_docs(key: str, body: str, docs: Path = DOCS) -> None:
-    """Replace the text between ``<!-- BENCH:key:BEGIN -->`` and ``<!-- BENCH:key:END -->`` in
-    docs/benchmarks.md (appended at the end when the markers are missing)."""
-    begin, end = f"<!-- BENCH:{key}:BEGIN -->", f"<!-- BENCH:{key}:END -->"
+def update_docs(key: str, body: str, docs: Path = DOCS, prefix: str = "BENCH") -> None:
+    """Replace the text between ``<!-- {prefix}:key:BEGIN -->`` and ``<!-- {prefix}:key:END -->`` in
+    ``docs`` (default docs/benchmarks.md; appended at the end when the markers are missing)."""
+    begin, end = f"<!-- {prefix}:{key}:BEGIN -->", f"<!-- {prefix}:{key}:END -->"
     text = docs.read_text() if docs.exists() else "# Benchmarks\n"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
